@@ -1,0 +1,1980 @@
+"""LPI: Low-rank Prompt Interaction for continual image-text retrieval, in one file.
+
+Reference implementation of "Low-rank Prompt Interaction for Continual Vision-Language
+Retrieval" (ACM MM 2024, arXiv 2501.14369), following our reading in shared/LPI_SPEC.md
+(section numbers below are that page's). A frozen CLIP (clip_model.py) meets retrieval
+tasks one after another; per task LPI learns only small multi-modal prompts.
+
+Reading order = the paper's order, then the data flow:
+  §1-2  configuration; low-rank decomposed multi-modal prompts (and the full-rank variant)
+  §3    multi-modal correlation (interaction) modules
+  §4    hierarchical low-rank contrastive loss;  §5 task contrastive constraint; CLIP loss
+  -     the LPI model: frozen CLIP + per-task prompt sets; parameter accounting
+  §6    task identity at test time: k-means keys and routing
+  data  built-in procedural tasks, COCO / Flickr30K (Karpathy), COCO super-category tasks
+  §7    evaluation (Recall@K), the continual training loop, checkpoints, the command line
+
+Run `python lpi.py` for the whole method on built-in data on a laptop CPU, or
+`python lpi.py --tasks coco,flickr --data-root DATA --clip ViT-B/16` on a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from PIL import Image
+from torch import nn
+from torch.utils.data import Dataset
+
+import clip_model
+
+
+class LPIError(Exception):
+    """A problem with the user's input (paths, data, flags): printed without a traceback."""
+
+
+@dataclass
+class ImageCaptionSet:
+    """Images and their captions: images[i] is described by captions[i] (one or more).
+    images: file paths (COCO, Flickr30K), or uint8 (N, 3, H, W) at the model's
+    resolution (built-in data)."""
+    images: torch.Tensor | list[str]
+    captions: list[list[str]]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+@dataclass
+class Task:
+    """One task of the continual sequence: a name and its train / test pairs."""
+    name: str
+    train: ImageCaptionSet
+    test: ImageCaptionSet
+
+
+# ========================================================================================
+# §1-2  Configuration, and low-rank interaction-augmented decomposition of the prompts
+# ========================================================================================
+
+@dataclass
+class LPIConfig:
+    """Every switch of the method. Defaults are the paper's at ViT-B/16 scale (LPI_SPEC §7)."""
+    # §1 prompts: J layers receive M tokens each, in both encoders
+    J: int = 9                       # prompt depth (<= the number of layers of either encoder)
+    M: int = 16                      # prompt length
+    # §2 decomposition
+    low_rank: bool = True            # False: full-rank (J, M, D) prompts per task, as S-Prompts
+    R: int = 4                       # CP rank of the prompts
+    factor_std: float = 0.5          # factors ~ N(0, factor_std^2) [code]
+    # §3 interaction
+    interaction: bool = True         # cross-modal correlation modules on layers j >= 1
+    alpha: float = 0.1               # mixing weight of the other modality
+    interaction_rank: int = 4        # R': CP rank of each cross-modal weight tensor
+    interaction_ln: bool = True      # LayerNorm after mixing
+    # §4 hierarchical low-rank contrastive loss
+    hier_prompt: bool = True         # prompt level: layer summaries s_v[j] <-> s_t[j]
+    hier_factor: bool = True         # factor level: rows of B_v <-> rows of B_t
+    tau_h: float = 0.01
+    lambda_h: float = 0.1
+    # §5 task contrastive constraint
+    task_loss: bool = True
+    theta: float = 0.4               # tasks more similar than theta are "positives"
+    tau_task: float = 0.1            # [ours] 0.001 in the authors' code: see task_contrastive_loss
+    lambda_task: float = 0.1
+
+
+class LowRankPrompts(nn.Module):
+    """One task's visual and textual prompts as rank-R CP decompositions (LPI_SPEC §2):
+
+        P_v[j, m, :] = (1/R) * sum_r A[j, r] * B_v[m, r] * C_v[:, r]
+        P_t[j, m, :] = (1/R) * sum_r A[j, r] * B_t[m, r] * C_t[:, r]
+
+    A (J x R) is the *common* layer factor, literally one tensor used by both modalities, so
+    what one modality learns about "which layer needs how much of which component" is
+    shared; B_v, B_t (M x R) and C_v (D_v x R), C_t (D_t x R) are modality-specific.
+    Parameters per task: R * (J + 2M + D_v + D_t).
+
+    Scale [ours]: both CLIP encoders are pre-LN, so a prompt token acts on the other tokens
+    only through LN(P), i.e. through its direction: the growth of hidden states with depth
+    does not call for bigger prompts at deeper layers. Scale matters only where a prompt is
+    *added* to something: at text layer 0 (the positional embedding, std ~0.01) and in the
+    residual stream after the last prompted layer. We keep the paper's 1/R and N(0, 0.5^2)
+    factors: the resulting prompts (std ~ 0.5^3/sqrt(R) ~ 0.06) dominate the positional
+    embedding at their positions, as a word embedding does.
+    """
+
+    def __init__(self, J: int, M: int, D_v: int, D_t: int, R: int, std: float):
+        super().__init__()
+        self.R = R
+        self.A = nn.Parameter(std * torch.randn(J, R))      # (J, R)   shared layer factor
+        self.B_v = nn.Parameter(std * torch.randn(M, R))    # (M, R)   visual token factor
+        self.B_t = nn.Parameter(std * torch.randn(M, R))    # (M, R)   textual token factor
+        self.C_v = nn.Parameter(std * torch.randn(D_v, R))  # (D_v, R) visual feature factor
+        self.C_t = nn.Parameter(std * torch.randn(D_t, R))  # (D_t, R) textual feature factor
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        P_v = torch.einsum("jr,mr,dr->jmd", self.A, self.B_v, self.C_v) / self.R  # (J, M, D_v)
+        P_t = torch.einsum("jr,mr,dr->jmd", self.A, self.B_t, self.C_t) / self.R  # (J, M, D_t)
+        return P_v, P_t
+
+
+class FullRankPrompts(nn.Module):
+    """The baseline / ablation: free (J, M, D) tensors per modality, J*M*(D_v+D_t) parameters.
+    Initialised at the same scale as the low-rank product at init ([ours]: std^3/sqrt(R)), so
+    that the two variants start alike and differ only in their parametrisation."""
+
+    def __init__(self, J: int, M: int, D_v: int, D_t: int, R: int, std: float):
+        super().__init__()
+        s = std ** 3 / math.sqrt(R)
+        self.P_v = nn.Parameter(s * torch.randn(J, M, D_v))
+        self.P_t = nn.Parameter(s * torch.randn(J, M, D_t))
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.P_v, self.P_t
+
+
+# ========================================================================================
+# §3  Multi-modal correlation (interaction) modules
+# ========================================================================================
+
+class CPLinear(nn.Module):
+    """The cross-modal maps of all prompted layers j = 1..J-1, one weight tensor
+    W (J-1, D_in+1, D_out) stored as a rank-R' CP decomposition over (layer, input, output):
+
+        W[j] = (1/R') * sum_r L[j, r] * U[:, r] V[:, r]^T        (the +1 row of U is the bias)
+
+    Applied as ([x, 1] @ U) * L[j] @ V^T / R', never forming W: O(M R' (D_in + D_out))."""
+
+    def __init__(self, layers: int, D_in: int, D_out: int, rank: int, std: float):
+        super().__init__()
+        self.rank = rank
+        self.L = nn.Parameter(std * torch.randn(layers, rank))        # (J-1, R')
+        self.U = nn.Parameter(std * torch.randn(D_in + 1, rank))      # (D_in+1, R')
+        self.V = nn.Parameter(std * torch.randn(D_out, rank))         # (D_out, R')
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (J-1, M, D_in) -> (J-1, M, D_out): layer j's map applied to layer j's tokens."""
+        x1 = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)   # (J-1, M, D_in+1)
+        h = (x1 @ self.U) * self.L[:, None, :]                       # (J-1, M, R')
+        return h @ self.V.t() / self.rank                            # (J-1, M, D_out)
+
+    def weight(self) -> torch.Tensor:
+        """The full W (J-1, D_in+1, D_out), for tests and for reading."""
+        return torch.einsum("jr,ir,or->jio", self.L, self.U, self.V) / self.rank
+
+
+class Interaction(nn.Module):
+    """One task's correlation modules (LPI_SPEC §3), acting on the prompts before insertion:
+
+        P_v'[j] = LN_v((1-α) P_v[j] + α [P_t[j], 1] W_t→v[j])
+        P_t'[j] = LN_t((1-α) P_t[j] + α [P_v[j], 1] W_v→t[j])      for j >= 1; layer 0 untouched
+
+    In the authors' grounding model these maps mix per-sample hidden states. Retrieval needs
+    a dual encoder (images and captions indexed independently), so here they mix the prompts
+    themselves and stay input-independent [ours]. With α = 0 and no LN this is the identity.
+    """
+
+    def __init__(self, J: int, D_v: int, D_t: int, rank: int, alpha: float, use_ln: bool, std: float):
+        super().__init__()
+        self.alpha = alpha
+        self.t2v = CPLinear(max(J - 1, 0), D_t, D_v, rank, std)
+        self.v2t = CPLinear(max(J - 1, 0), D_v, D_t, rank, std)
+        self.ln_v = nn.LayerNorm(D_v) if use_ln else nn.Identity()
+        self.ln_t = nn.LayerNorm(D_t) if use_ln else nn.Identity()
+
+    def forward(self, P_v: torch.Tensor, P_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if P_v.shape[0] <= 1:
+            return P_v, P_t  # nothing beyond layer 0 to couple
+        a = self.alpha
+        deep_v = self.ln_v((1 - a) * P_v[1:] + a * self.t2v(P_t[1:]))  # (J-1, M, D_v)
+        deep_t = self.ln_t((1 - a) * P_t[1:] + a * self.v2t(P_v[1:]))  # (J-1, M, D_t)
+        return torch.cat([P_v[:1], deep_v]), torch.cat([P_t[:1], deep_t])
+
+
+# ========================================================================================
+# §4-5  Losses: CLIP's InfoNCE, hierarchical low-rank contrastive, task contrastive
+# ========================================================================================
+
+def symmetric_info_nce(logits: torch.Tensor) -> torch.Tensor:
+    """Row i's positive is column i, in both directions: (CE(logits) + CE(logits^T)) / 2."""
+    target = torch.arange(logits.shape[0], device=logits.device)
+    logits = logits.float()  # the softmax of a bf16/fp16 logit matrix loses the small terms
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+
+
+def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's contrastive loss on a batch of matching pairs, with CLIP's own (frozen)
+    temperature: L_clip = InfoNCE(exp(s) * norm(img) @ norm(txt)^T)."""
+    img, txt = F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
+    return symmetric_info_nce(logit_scale.exp() * img @ txt.t())
+
+
+def prompt_level_loss(P_v: torch.Tensor, P_t: torch.Tensor, tau: float) -> torch.Tensor:
+    """Hierarchical loss, prompt level (LPI_SPEC §4): summarise layer j by the mean over the
+    feature dimension, s_v[j] = mean_D P_v[j] (a length-M vector; same for text), and ask
+    layer j's visual summary to pick out layer j's textual one among all J layers:
+
+        L_prompt = InfoNCE( cos(s_v, s_t) / τ )     over the J layers, both directions
+
+    [ours] the summaries are L2-normalised (cosine): raw means of prompts of std ~0.06 over
+    D ~ 512 features are ~1e-3, so raw logits would be ~0 and the loss flat at log J."""
+    s_v = F.normalize(P_v.float().mean(dim=-1), dim=-1)  # (J, M)
+    s_t = F.normalize(P_t.float().mean(dim=-1), dim=-1)  # (J, M)
+    return symmetric_info_nce(s_v @ s_t.t() / tau)
+
+
+def factor_level_loss(B_v: torch.Tensor, B_t: torch.Tensor, tau: float) -> torch.Tensor:
+    """Hierarchical loss, factor level [ours]: the m-th rows of the two token factors
+    (each an R-vector) are positives, the other rows negatives: InfoNCE(cos(B_v, B_t) / τ)."""
+    return symmetric_info_nce(F.normalize(B_v.float(), dim=-1) @ F.normalize(B_t.float(), dim=-1).t() / tau)
+
+
+def task_similarity(centroids_img: torch.Tensor, centroids_txt: torch.Tensor) -> torch.Tensor:
+    """Semantic similarity of tasks (LPI_SPEC §5, computed online [ours]): the mean of the
+    cosine similarities of per-task centroids of frozen-CLIP image and caption embeddings.
+    centroids_* (T, E) -> (T, T)."""
+    ci, ct = F.normalize(centroids_img.float(), dim=-1), F.normalize(centroids_txt.float(), dim=-1)
+    return (ci @ ci.t() + ct @ ct.t()) / 2
+
+
+def task_contrastive_loss(prompts: torch.Tensor, similarity: torch.Tensor, theta: float,
+                          tau: float) -> torch.Tensor:
+    """Task contrastive constraint (LPI_SPEC §5) for one modality.
+
+    prompts (T, ...) are the prompts of tasks 1..t (older ones detached by the caller),
+    similarity (T, T) the tasks' semantic similarity. With X = cos(vec P_i, vec P_k),
+    targets Y[i,k] = [similarity[i,k] > θ], over off-diagonal pairs:
+
+        L_task = mean_{Y=1} BCE(σ(X/τ), 1) + mean_{Y=0} BCE(σ(X/τ), 0)
+
+    Each mean is 0 when it has no pairs, so the loss is 0 (not NaN) at the first task.
+    The sigmoid is applied once (the authors' code applies it twice). [ours] τ = 0.1 by
+    default: with τ = 0.001 and a single sigmoid, BCE is ~|X|/τ with slope 1000, which
+    swamps the retrieval loss at any weight the paper uses.
+    """
+    T = prompts.shape[0]
+    if T < 2:
+        return prompts.sum() * 0.0  # keeps the graph and the dtype
+    flat = F.normalize(prompts.reshape(T, -1).float(), dim=-1)
+    X = flat @ flat.t()                                          # (T, T) cosine similarities
+    Y = (similarity > theta).float()
+    off = ~torch.eye(T, dtype=torch.bool, device=X.device)
+    bce = F.binary_cross_entropy_with_logits(X / tau, Y, reduction="none")
+    loss = X.new_zeros(())
+    for mask in (off & (Y > 0), off & (Y == 0)):
+        if mask.any():
+            loss = loss + bce[mask].mean()
+    return loss
+
+
+# ========================================================================================
+# The LPI model: a frozen CLIP and one prompt set (prompts + interaction) per task
+# ========================================================================================
+
+class TaskPrompts(nn.Module):
+    """Everything task t learns: its decomposed (or full-rank) prompts and its interaction."""
+
+    def __init__(self, cfg: LPIConfig, D_v: int, D_t: int):
+        super().__init__()
+        make = LowRankPrompts if cfg.low_rank else FullRankPrompts
+        self.prompts = make(cfg.J, cfg.M, D_v, D_t, cfg.R, cfg.factor_std)
+        self.interaction = (Interaction(cfg.J, D_v, D_t, cfg.interaction_rank, cfg.alpha, cfg.interaction_ln,
+                                        cfg.factor_std) if cfg.interaction else None)
+
+    def raw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts before interaction: what the hierarchical loss aligns. 2 x (J, M, D)."""
+        return self.prompts()
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts as inserted into the encoders: 2 x (J, M, D)."""
+        P_v, P_t = self.prompts()
+        return self.interaction(P_v, P_t) if self.interaction is not None else (P_v, P_t)
+
+
+class LPI(nn.Module):
+    """A frozen CLIP plus a growing list of per-task prompt sets.
+
+    `shared=True` keeps a single prompt set that every task trains in turn: the forgetting
+    baseline (seqft) and the joint upper bound use it. `cfg.J == 0` means no prompts at all:
+    zero-shot CLIP."""
+
+    def __init__(self, clip: clip_model.CLIP, cfg: LPIConfig, shared: bool = False):
+        super().__init__()
+        self.clip = clip.requires_grad_(False).eval()
+        self.cfg, self.shared = cfg, shared
+        self.D_v, self.D_t = clip.visual.transformer.width, clip.transformer.width
+        depth = min(clip.visual.transformer.layers, clip.transformer.layers)
+        if not 0 <= cfg.J <= depth:
+            raise LPIError(f"prompt depth J={cfg.J} is out of range: this CLIP has {depth} layers per encoder "
+                           f"(expected 0 <= J <= {depth})")
+        self.task_prompts = nn.ModuleList()
+
+    @property
+    def prompted(self) -> bool:
+        return self.cfg.J > 0 and self.cfg.M > 0
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.clip.eval()  # CLIP stays frozen: no dropout exists, but keep its mode fixed anyway
+        return self
+
+    def add_task(self) -> int:
+        """Open a prompt set for a new task, freeze the older ones; return the set's index."""
+        if not self.prompted:
+            return 0
+        if self.shared and len(self.task_prompts) == 1:
+            return 0
+        for old in self.task_prompts:
+            old.requires_grad_(False)
+        self.task_prompts.append(TaskPrompts(self.cfg, self.D_v, self.D_t))
+        return len(self.task_prompts) - 1
+
+    def prompt_index(self, task_ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(task_ids) if self.shared else task_ids
+
+    def stacked_prompts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inserted prompts of every task: (T, J, M, D_v), (T, J, M, D_t)."""
+        pv, pt = zip(*(tp() for tp in self.task_prompts))
+        return torch.stack(pv), torch.stack(pt)
+
+    def _prompts_for(self, task_ids: torch.Tensor | int | None, modality: int):
+        if not self.prompted or task_ids is None or len(self.task_prompts) == 0:
+            return None
+        if isinstance(task_ids, int):  # one task for the whole batch: (J, M, D)
+            return self.task_prompts[0 if self.shared else task_ids]()[modality]
+        idx = self.prompt_index(task_ids)
+        used = idx.unique().tolist()
+        if len(used) == 1:
+            return self.task_prompts[used[0]]()[modality]
+        return self.stacked_prompts()[modality][idx]  # (B, J, M, D) per sample
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        """Captions -> tokens with M placeholder slots when text prompts are used."""
+        return clip_model.tokenize(captions, self.clip.context_length, truncate=True,
+                                   prompt_length=self.cfg.M if self.prompted else 0)
+
+    def encode_image(self, images: torch.Tensor, task_ids: torch.Tensor | int | None = None) -> torch.Tensor:
+        return self.clip.encode_image(images, self._prompts_for(task_ids, 0))
+
+    def encode_text(self, tokens: torch.Tensor, task_ids: torch.Tensor | int | None = None) -> torch.Tensor:
+        return self.clip.encode_text(tokens, self._prompts_for(task_ids, 1))
+
+    def losses(self, images: torch.Tensor, tokens: torch.Tensor, t: int,
+               similarity: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """All loss terms for a batch of task t's pairs (LPI_SPEC §7):
+        L = L_clip + λ_h (L_prompt + L_factor) + λ_task (L_task_v + L_task_t)."""
+        cfg = self.cfg
+        out = {"clip": clip_loss(self.encode_image(images, t), self.encode_text(tokens, t), self.clip.logit_scale)}
+        if not self.prompted:
+            out["total"] = out["clip"]
+            return out
+        tp = self.task_prompts[0 if self.shared else t]
+        total = out["clip"]
+        if cfg.hier_prompt:
+            out["prompt"] = prompt_level_loss(*tp.raw(), cfg.tau_h)
+            total = total + cfg.lambda_h * out["prompt"]
+        if cfg.hier_factor and cfg.low_rank:  # full-rank prompts have no factors to align
+            out["factor"] = factor_level_loss(tp.prompts.B_v, tp.prompts.B_t, cfg.tau_h)
+            total = total + cfg.lambda_h * out["factor"]
+        if cfg.task_loss and not self.shared and similarity is not None and t > 0:
+            # old tasks' prompts are frozen constants; only row/column t carries gradient
+            pv = torch.stack([self.task_prompts[k]()[0].detach() if k < t else tp()[0] for k in range(t + 1)])
+            pt = torch.stack([self.task_prompts[k]()[1].detach() if k < t else tp()[1] for k in range(t + 1)])
+            S = similarity[: t + 1, : t + 1]
+            out["task"] = (task_contrastive_loss(pv, S, cfg.theta, cfg.tau_task)
+                           + task_contrastive_loss(pt, S, cfg.theta, cfg.tau_task))
+            total = total + cfg.lambda_task * out["task"]
+        out["total"] = total
+        return out
+
+
+def count_parameters(cfg: LPIConfig, D_v: int, D_t: int) -> dict[str, int]:
+    """Trainable parameters one task adds, split into prompts and interaction modules.
+    Counted on the real modules (built on the meta device: no memory), so the number
+    cannot drift from the code."""
+    with torch.device("meta"):
+        tp = TaskPrompts(cfg, D_v, D_t) if cfg.J > 0 and cfg.M > 0 else None
+    prompts = sum(p.numel() for p in tp.prompts.parameters()) if tp else 0
+    inter = sum(p.numel() for p in tp.interaction.parameters()) if tp and tp.interaction else 0
+    return {"prompts": prompts, "interaction": inter, "total": prompts + inter}
+
+
+# The methods of the paper's comparison (LPI_SPEC "Baselines"), as settings of one model.
+METHODS = {
+    "lpi": "LPI: low-rank decomposed prompts, interaction, hierarchical and task losses, k-means routing",
+    "zeroshot": "frozen CLIP, no prompts",
+    "seqft": "one shared prompt set (LPI's shape) trained through all tasks in order, no routing",
+    "sprompts": "S-Prompts: full-rank per-task prompts, k-means routing, no decomposition, interaction or extra loss",
+}
+
+
+def make_method(args, clip: clip_model.CLIP) -> LPI:
+    """The model a --method and the component switches describe."""
+    cfg = LPIConfig(J=args.J, M=args.M, R=args.R, low_rank=not args.full_rank, interaction=not args.no_interaction,
+                    alpha=args.alpha, interaction_rank=args.interaction_rank, interaction_ln=not args.no_interaction_ln,
+                    hier_prompt=not args.no_hier_prompt, hier_factor=not args.no_hier_factor, tau_h=args.tau_h,
+                    lambda_h=args.lambda_h, task_loss=not args.no_task_loss, theta=args.theta,
+                    tau_task=args.tau_task, lambda_task=args.lambda_task)
+    if args.method == "zeroshot":
+        cfg.J = 0
+    elif args.method == "sprompts":
+        cfg.low_rank = cfg.interaction = cfg.hier_prompt = cfg.hier_factor = cfg.task_loss = False
+    return LPI(clip, cfg, shared=args.method == "seqft")
+
+
+# ========================================================================================
+# §6  Task identity at test time: k-means keys per task, nearest-key routing
+# ========================================================================================
+"""S-Prompts' recipe (LPI_SPEC §6): no task id is given at test time, so each query is
+sent to the task whose frozen-CLIP k-means keys it is nearest to."""
+# ---------------------------------------------------------------------------------------
+# Task identity at test time (S-Prompts style keys)
+#
+# After training task t, k-means on the frozen, un-prompted CLIP embeddings of t's
+# training images gives k visual keys for t; the same on its captions gives k text keys.
+# At test time a query goes to the task of its nearest key:
+#     task(x) = task_of( argmax_key  cos(x, key) )
+# and is then encoded with that task's prompts.
+#
+# The k-means here is *spherical* (cosine) k-means: features and centroids live on the
+# unit sphere, points are assigned to the centroid of largest cosine, and a centroid is
+# the mean of its points rescaled to unit length. On unit vectors
+# ||x - c||^2 = 2 - 2 cos(x, c), so this is also Euclidean assignment on normalised
+# features, and it is the same criterion the router uses afterwards.
+# ---------------------------------------------------------------------------------------
+
+def kmeans(x: Tensor, k: int, iters: int = 50, seed: int = 0) -> Tensor:
+    """Spherical k-means with k-means++ initialisation; deterministic for a given seed.
+
+    x: (N, D) features (normalised inside). Returns unit-norm centroids (min(k, N), D):
+    with N <= k every point is its own centroid. An empty cluster is re-seeded with the
+    point that is worst served by its current centroid (lowest cosine).
+    """
+    x = F.normalize(x.detach().float(), dim=-1)
+    n = x.shape[0]
+    if n == 0:
+        raise ValueError("kmeans needs at least one point")
+    if n <= k:
+        return x.clone()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    # k-means++: the first centre uniformly, each next one with probability proportional
+    # to the squared distance to the nearest centre chosen so far.
+    idx = [int(torch.randint(n, (1,), generator=gen))]
+    d2 = (2 - 2 * x @ x[idx[0]]).clamp_min(0)                                  # (N,)
+    for _ in range(1, k):
+        if d2.sum() > 0:
+            nxt = int(torch.multinomial(d2.cpu(), 1, generator=gen))
+        else:  # fewer distinct points than k: any point will do
+            nxt = int(torch.randint(n, (1,), generator=gen))
+        idx.append(nxt)
+        d2 = torch.minimum(d2, (2 - 2 * x @ x[nxt]).clamp_min(0))
+    centroids = x[idx].clone()                                                 # (k, D)
+
+    assign = None
+    for _ in range(iters):
+        cos = x @ centroids.T                                                  # (N, k)
+        best_cos, new_assign = cos.max(1)
+        if assign is not None and torch.equal(new_assign, assign):
+            break
+        assign = new_assign
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)            # (k, D)
+        counts = torch.bincount(assign, minlength=k)                           # (k,)
+        empty = (counts == 0).nonzero().flatten()
+        if len(empty) > 0:
+            # Re-seed the empty clusters with the worst-served points, one each.
+            worst = best_cos.argsort()[:len(empty)]
+            sums[empty] = x[worst]
+        centroids = F.normalize(sums, dim=-1)
+    return centroids
+
+
+class TaskRouter:
+    """Per-task visual and textual k-means keys; routes queries to the nearest key's task.
+
+    Keys are stored as plain CPU float tensors (all tasks stacked) with the task id of
+    every key beside them, so `state_dict()` is directly checkpointable.
+    """
+
+    def __init__(self, iters: int = 50, seed: int = 0):
+        self.iters, self.seed = iters, seed
+        self.image_keys = torch.empty(0, 0)                            # (n_keys, D_v)
+        self.image_key_task = torch.empty(0, dtype=torch.long)         # (n_keys,)
+        self.text_keys = torch.empty(0, 0)                             # (n_keys, D_t)
+        self.text_key_task = torch.empty(0, dtype=torch.long)          # (n_keys,)
+        self.num_tasks = 0
+
+    def add_task(self, image_feats: Tensor, text_feats: Tensor, k: int = 5) -> int:
+        """Cluster one task's frozen CLIP image and caption embeddings; returns its id."""
+        t = self.num_tasks
+        seed = self.seed + t   # a different, fixed seed per task
+        img_c = kmeans(image_feats.cpu(), k, self.iters, seed)
+        txt_c = kmeans(text_feats.cpu(), k, self.iters, seed)
+        self.image_keys = img_c if t == 0 else torch.cat([self.image_keys, img_c])
+        self.text_keys = txt_c if t == 0 else torch.cat([self.text_keys, txt_c])
+        self.image_key_task = torch.cat([self.image_key_task, torch.full((len(img_c),), t)])
+        self.text_key_task = torch.cat([self.text_key_task, torch.full((len(txt_c),), t)])
+        self.num_tasks += 1
+        return t
+
+    @staticmethod
+    def _route(feats: Tensor, keys: Tensor, key_task: Tensor) -> Tensor:
+        if len(keys) == 0:
+            raise RuntimeError("TaskRouter has no tasks yet")
+        feats = F.normalize(feats.detach().float(), dim=-1)
+        nearest = (feats @ keys.to(feats.device).T).argmax(1)          # (N,) cosine
+        return key_task.to(feats.device)[nearest]
+
+    def route_images(self, feats: Tensor) -> Tensor:
+        """(N, D_v) frozen CLIP image embeddings -> (N,) task ids."""
+        return self._route(feats, self.image_keys, self.image_key_task)
+
+    def route_texts(self, feats: Tensor) -> Tensor:
+        """(N, D_t) frozen CLIP caption embeddings -> (N,) task ids."""
+        return self._route(feats, self.text_keys, self.text_key_task)
+
+    def state_dict(self) -> dict:
+        return {
+            "image_keys": self.image_keys.clone(),
+            "image_key_task": self.image_key_task.clone(),
+            "text_keys": self.text_keys.clone(),
+            "text_key_task": self.text_key_task.clone(),
+            "num_tasks": torch.tensor(self.num_tasks),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.image_keys = state["image_keys"].float().cpu().clone()
+        self.image_key_task = state["image_key_task"].long().cpu().clone()
+        self.text_keys = state["text_keys"].float().cpu().clone()
+        self.text_key_task = state["text_key_task"].long().cpu().clone()
+        self.num_tasks = int(state["num_tasks"])
+
+
+# ========================================================================================
+# Data (1/2): the built-in procedural tasks and the tiny CLIP pre-trained on them
+# ========================================================================================
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float, normalised with CLIP's own mean / std (not ImageNet's)."""
+    mean = torch.tensor(clip_model.CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(clip_model.CLIP_STD).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+# ----------------------------------------------------------------------------------------
+# The world: vocabulary and scenes
+#
+# A scene is two objects, each a (shape, colour, size), side by side or one above the
+# other. Object 0 is always the left (or top) one; the caption names either object first
+# ("a red circle left of a blue square" = "a blue square right of a red circle"), so all
+# four relation words occur. The two objects never share a colour, so that a caption
+# cannot be matched by colours alone and the binding of colour to shape matters.
+# ----------------------------------------------------------------------------------------
+
+IMAGE_SIZE = 32
+SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond")
+COLOURS = {  # name -> RGB in [0, 1]
+    "red": (0.86, 0.16, 0.16), "green": (0.16, 0.78, 0.24), "blue": (0.20, 0.32, 0.92),
+    "yellow": (0.92, 0.86, 0.20), "purple": (0.60, 0.24, 0.80), "cyan": (0.20, 0.82, 0.86),
+    "orange": (0.95, 0.55, 0.12), "white": (0.95, 0.95, 0.95),
+}
+COLOUR_NAMES = tuple(COLOURS)
+SIZES = {"small": 3.6, "large": 6.0}  # radius in pixels
+SIZE_NAMES = tuple(SIZES)
+N_OBJECTS = len(SHAPES) * len(COLOURS) * len(SIZES)  # 96 distinct objects
+# Bump when the drawing or the captions change: it is part of the tiny CLIP's cache key.
+DATA_VERSION = 1
+
+
+@dataclass
+class Scenes:
+    """N scenes as tensors; (N, 2) fields hold object 0 (left / top) and object 1."""
+    shape: torch.Tensor    # (N, 2) index into SHAPES
+    colour: torch.Tensor   # (N, 2) index into COLOUR_NAMES
+    size: torch.Tensor     # (N, 2) index into SIZE_NAMES
+    vertical: torch.Tensor  # (N,) bool: object 0 above object 1 (else left of it)
+    first: torch.Tensor    # (N,) which object the caption names first (0 or 1)
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+
+def sample_scenes(n: int, g: torch.Generator, exclude: torch.Tensor | None = None) -> tuple[Scenes, torch.Tensor]:
+    """n distinct scenes (distinct while n fits the 16,128 valid scenes; beyond, repeats).
+
+    A scene is coded as ((object0 * N_OBJECTS) + object1) * 2 + vertical. A random
+    permutation of the codes, valid ones only, gives distinct scenes; `exclude` (codes)
+    keeps e.g. a task's test scenes out of its training set. Returns (scenes, codes).
+    """
+    codes = torch.randperm(N_OBJECTS * N_OBJECTS * 2, generator=g)
+    obj0, obj1 = (codes // 2) // N_OBJECTS, (codes // 2) % N_OBJECTS
+    n_col = len(COLOURS)
+    valid = (obj0 // len(SHAPES)) % n_col != (obj1 // len(SHAPES)) % n_col
+    if exclude is not None:
+        valid &= ~torch.isin(codes, exclude)
+    codes = codes[valid]
+    if n > len(codes):  # more than there are: sample with replacement
+        codes = codes[torch.randint(len(codes), (n,), generator=g)]
+    codes = codes[:n]
+    obj = torch.stack([(codes // 2) // N_OBJECTS, (codes // 2) % N_OBJECTS], dim=1)  # (n, 2)
+    scenes = Scenes(shape=obj % len(SHAPES), colour=(obj // len(SHAPES)) % n_col,
+                    size=obj // (len(SHAPES) * n_col), vertical=(codes % 2).bool(),
+                    first=torch.randint(2, (n,), generator=g))
+    return scenes, codes
+
+
+# ----------------------------------------------------------------------------------------
+# Drawing, vectorised over the batch: every pixel of every image at once
+# ----------------------------------------------------------------------------------------
+
+def shape_masks(shape: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Boolean masks (N, H, W) of N shapes with centres (cx, cy) and radii r (all (N,))."""
+    pix = torch.arange(IMAGE_SIZE, dtype=torch.float32) + 0.5          # pixel centres
+    u = (pix.view(1, 1, -1) - cx.view(-1, 1, 1)) / r.view(-1, 1, 1)     # (N, 1, W), x / r
+    v = (pix.view(1, -1, 1) - cy.view(-1, 1, 1)) / r.view(-1, 1, 1)     # (N, H, 1), y / r (down)
+    au, av = u.abs(), v.abs()
+    rr = u ** 2 + v ** 2
+    masks = torch.stack([                                               # (N, 6, H, W), SHAPES order
+        rr <= 1.0,                                                      # circle
+        torch.maximum(au, av) <= 0.8,                                   # square
+        (v <= 0.7) & (au <= (v + 0.95) * 0.62),                         # triangle, apex up
+        (torch.minimum(au, av) <= 0.3) & (torch.maximum(au, av) <= 0.95),  # cross
+        (rr <= 1.0) & (rr >= 0.5 ** 2),                                 # ring
+        au + av <= 1.05,                                                # diamond
+    ], dim=1)
+    return masks[torch.arange(len(shape)), shape]                       # (N, H, W)
+
+
+def layout(scenes: Scenes, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Object centres (N, 2) x and y: object 0 on the left (top), object 1 on the right
+    (bottom), with random jitter that never lets the relation become ambiguous."""
+    n = len(scenes)
+    along = torch.stack([7 + 3 * torch.rand(n, generator=g), 22 + 3 * torch.rand(n, generator=g)], 1)
+    across = 12 + 8 * torch.rand(n, 2, generator=g)  # the other axis: |difference| <= 8 < 12
+    vert = scenes.vertical.view(-1, 1)
+    return torch.where(vert, across, along), torch.where(vert, along, across)
+
+
+def draw(scenes: Scenes, background: torch.Tensor, colours: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Paint the two objects of every scene onto `background` (N, 3, H, W), filled with
+    `colours` (N, 2, 3); float images in [0, 1]."""
+    cx, cy = layout(scenes, g)
+    radius = torch.tensor(list(SIZES.values()))[scenes.size]            # (N, 2)
+    img = background.clone()
+    for k in range(2):
+        mask = shape_masks(scenes.shape[:, k], cx[:, k], cy[:, k], radius[:, k]).unsqueeze(1)  # (N, 1, H, W)
+        img = torch.where(mask, colours[:, k].view(-1, 3, 1, 1), img)
+    return img
+
+
+def base_colours(scenes: Scenes, g: torch.Generator, jitter: float = 0.06) -> torch.Tensor:
+    """The RGB of each object (N, 2, 3), with a little per-object jitter."""
+    table = torch.tensor(list(COLOURS.values()))
+    rgb = table[scenes.colour]
+    return (rgb + jitter * (2 * torch.rand(rgb.shape, generator=g) - 1)).clamp(0, 1)
+
+
+def grey_background(n: int, g: torch.Generator, low: float = 0.15, high: float = 0.40) -> torch.Tensor:
+    """Plain grey backgrounds of random brightness, slightly tinted: (N, 3, H, W)."""
+    level = low + (high - low) * torch.rand(n, 1, 1, 1, generator=g)
+    tint = 0.03 * (2 * torch.rand(n, 3, 1, 1, generator=g) - 1)
+    return (level + tint).expand(n, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def add_noise(img: torch.Tensor, std: float, g: torch.Generator) -> torch.Tensor:
+    return img + std * torch.randn(img.shape, generator=g)
+
+
+# ----------------------------------------------------------------------------------------
+# Captions
+# ----------------------------------------------------------------------------------------
+
+def object_phrases(scenes: Scenes) -> list[tuple[str, str]]:
+    """("small red circle", "large blue square") for object 0 and object 1 of every scene."""
+    out = []
+    for s, c, z in zip(scenes.shape.tolist(), scenes.colour.tolist(), scenes.size.tolist()):
+        out.append(tuple(f"{SIZE_NAMES[z[k]]} {COLOUR_NAMES[c[k]]} {SHAPES[s[k]]}" for k in range(2)))
+    return out
+
+
+def relational_parts(scenes: Scenes) -> list[tuple[str, str, str]]:
+    """(subject, relation, object) per scene, the subject being the object named first:
+    ("small red circle", "left of", "large blue square")."""
+    parts = []
+    for (p0, p1), vert, first in zip(object_phrases(scenes), scenes.vertical.tolist(), scenes.first.tolist()):
+        rel = ("above", "below") if vert else ("left of", "right of")
+        parts.append((p0, rel[0], p1) if first == 0 else (p1, rel[1], p0))
+    return parts
+
+
+# ----------------------------------------------------------------------------------------
+# Domains: a painter (visual style) and a captioner (verbal style) each
+# ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    paint: Callable[[Scenes, torch.Generator], torch.Tensor]   # -> float (N, 3, H, W) in [0, 1]
+    caption: Callable[[Scenes], list[str]]
+
+
+def _paint_generic(scenes: Scenes, g: torch.Generator) -> torch.Tensor:
+    """Plain: grey background of random brightness, true colours, faint noise."""
+    img = draw(scenes, grey_background(len(scenes), g), base_colours(scenes, g), g)
+    return add_noise(img, 0.02, g)
+
+
+def _caption_generic(scenes: Scenes) -> list[str]:
+    return [f"a {s} {r} a {o}" for s, r, o in relational_parts(scenes)]
+
+
+def _paint_night(scenes: Scenes, g: torch.Generator) -> torch.Tensor:
+    """Night: a near-black blue sky with stars; the objects dimmed and tinted blue."""
+    n = len(scenes)
+    sky = torch.tensor([0.02, 0.03, 0.10]).view(1, 3, 1, 1) + 0.02 * torch.rand(n, 1, 1, 1, generator=g)
+    stars = (torch.rand(n, 1, IMAGE_SIZE, IMAGE_SIZE, generator=g) < 0.02).float()
+    background = sky.expand(n, 3, IMAGE_SIZE, IMAGE_SIZE) + 0.8 * stars
+    colours = 0.40 * base_colours(scenes, g) + torch.tensor([0.0, 0.02, 0.10])
+    return add_noise(draw(scenes, background, colours, g), 0.02, g)
+
+
+def _caption_night(scenes: Scenes) -> list[str]:
+    return [f"at night, a dim {s} is {r} a dim {o}" for s, r, o in relational_parts(scenes)]
+
+
+def _paint_negative(scenes: Scenes, g: torch.Generator) -> torch.Tensor:
+    """Film negative: a plain picture with every channel inverted (red looks cyan, the grey
+    background light)."""
+    return 1.0 - _paint_generic(scenes, g)
+
+
+def _caption_negative(scenes: Scenes) -> list[str]:
+    return [f"negative film: the {s} sits {r} the {o}" for s, r, o in relational_parts(scenes)]
+
+
+def _paint_fog(scenes: Scenes, g: torch.Generator) -> torch.Tensor:
+    """Fog: everything washed out towards a light grey, low contrast, blurred."""
+    img = draw(scenes, grey_background(len(scenes), g), base_colours(scenes, g), g)
+    img = F.avg_pool2d(F.pad(img, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    fog = 0.70 + 0.10 * torch.rand(len(scenes), 1, 1, 1, generator=g)
+    return add_noise(0.35 * img + 0.65 * fog, 0.02, g)
+
+
+def _caption_fog(scenes: Scenes) -> list[str]:
+    return [f"in thick fog there is a {s} faintly seen {r} a {o}" for s, r, o in relational_parts(scenes)]
+
+
+def _paint_static(scenes: Scenes, g: torch.Generator) -> torch.Tensor:
+    """TV static: strong colour noise everywhere and random horizontal scan lines."""
+    n = len(scenes)
+    img = draw(scenes, grey_background(n, g), base_colours(scenes, g), g)
+    lines = (torch.rand(n, 1, IMAGE_SIZE, 1, generator=g) < 0.25).float()
+    img = img * (1 - 0.6 * lines) + 0.6 * lines * torch.rand(n, 3, 1, 1, generator=g)
+    return add_noise(img, 0.18, g)
+
+
+def _caption_static(scenes: Scenes) -> list[str]:
+    out = []
+    for (p0, p1), vert in zip(object_phrases(scenes), scenes.vertical.tolist()):
+        out.append(f"static screen. top: {p0}; bottom: {p1}" if vert else f"static screen. left: {p0}; right: {p1}")
+    return out
+
+
+GENERIC = Domain("generic", _paint_generic, _caption_generic)
+DOMAINS = {d.name: d for d in (
+    Domain("night", _paint_night, _caption_night),
+    Domain("negative", _paint_negative, _caption_negative),
+    Domain("fog", _paint_fog, _caption_fog),
+    Domain("static", _paint_static, _caption_static),
+)}
+
+
+def render(domain: Domain, scenes: Scenes, g: torch.Generator) -> ImageCaptionSet:
+    """Scenes -> uint8 images in the domain's visual style and one caption each in its verbal style."""
+    img = domain.paint(scenes, g)
+    images = (img.clamp(0, 1) * 255).round().to(torch.uint8)
+    return ImageCaptionSet(images=images, captions=[[c] for c in domain.caption(scenes)])
+
+
+def _generator(seed: int, salt: str) -> torch.Generator:
+    """A torch RNG seeded by (seed, salt): every domain and split gets its own stream."""
+    digest = hashlib.sha256(f"{seed}/{salt}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def generic_mixture(n: int, seed: int = 0) -> ImageCaptionSet:
+    """n pairs of the plain pre-training domain, distinct scenes, deterministic by seed."""
+    g = _generator(seed, "generic")
+    scenes, _ = sample_scenes(n, g)
+    return render(GENERIC, scenes, g)
+
+
+def make_task(name: str, n_train: int = 2000, n_test: int = 300, seed: int = 0) -> Task:
+    """The built-in task `name`: distinct scenes, test scenes never seen in training."""
+    domain = DOMAINS[name]
+    g = _generator(seed, name)
+    test_scenes, test_codes = sample_scenes(n_test, g)
+    train_scenes, _ = sample_scenes(n_train, g, exclude=test_codes)
+    return Task(name, train=render(domain, train_scenes, g), test=render(domain, test_scenes, g))
+
+
+BUILTIN_TASKS: dict[str, Callable[..., Task]] = {
+    name: (lambda n_train=2000, n_test=300, seed=0, _name=name: make_task(_name, n_train, n_test, seed))
+    for name in DOMAINS
+}
+
+
+# ----------------------------------------------------------------------------------------
+# Pre-training the tiny CLIP on the generic mixture
+#
+# Stand-in for CLIP's web-scale pre-training: the symmetric InfoNCE of Radford et al.
+# (2021) with the learnable temperature, on a fresh batch of generic pairs every step
+# (the generator is the data set: no pair is seen twice).
+#     logits = exp(s) * norm(f_img) @ norm(f_txt)^T,   L = (CE(logits, I) + CE(logits^T, I)) / 2
+# ----------------------------------------------------------------------------------------
+
+PRETRAIN_DEFAULTS = dict(steps=150, batch_size=128, lr=2e-3, weight_decay=0.05, warmup=15)
+
+
+def pretrain_loss(model: clip_model.CLIP, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over a batch of matching pairs (row i <-> column i)."""
+    img = F.normalize(model.encode_image(images), dim=-1)
+    txt = F.normalize(model.encode_text(tokens), dim=-1)
+    logits = model.logit_scale.exp().clamp(max=100) * img @ txt.t()   # (B, B)
+    target = torch.arange(len(img))
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+
+
+def pretrain_tiny_clip(steps: int = PRETRAIN_DEFAULTS["steps"], batch_size: int = PRETRAIN_DEFAULTS["batch_size"],
+                       seed: int = 0, lr: float = PRETRAIN_DEFAULTS["lr"],
+                       weight_decay: float = PRETRAIN_DEFAULTS["weight_decay"],
+                       warmup: int = PRETRAIN_DEFAULTS["warmup"], progress: bool = True) -> clip_model.CLIP:
+    """Train clip_model.CLIP(clip_model.TINY) from scratch on the generic mixture.
+
+    AdamW, linear warm-up for `warmup` steps then cosine decay to zero. Weight decay only
+    on matrices (not on biases, LayerNorm gains, the temperature). Returns the model in
+    eval mode.
+    """
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    model = clip_model.CLIP(clip_model.TINY)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: (i + 1) / warmup if i < warmup else 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, steps - warmup))))
+    ctx = clip_model.TINY.context_length
+    model.train()
+    bar = tqdm(range(steps), desc="pre-training tiny CLIP", disable=not progress)
+    for step in bar:
+        batch = generic_mixture(batch_size, seed=seed * 1_000_003 + step)
+        tokens = clip_model.tokenize([c[0] for c in batch.captions], context_length=ctx, truncate=True)
+        loss = pretrain_loss(model, normalize_images(batch.images), tokens)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval()
+
+
+def load_or_build_tiny_clip(cache_dir: str | Path, steps: int = PRETRAIN_DEFAULTS["steps"], seed: int = 0,
+                            batch_size: int = PRETRAIN_DEFAULTS["batch_size"], progress: bool = True,
+                            **train_kwargs) -> clip_model.CLIP:
+    """The pre-trained tiny CLIP from `cache_dir`, or pre-train it once and cache it.
+
+    The file name carries a hash of every setting that changes the weights (including
+    DATA_VERSION and the model config), so a stale cache is never picked up. The file is
+    written to a temporary name and renamed, so an interrupted run leaves no half file.
+    """
+    settings = dict(PRETRAIN_DEFAULTS, steps=steps, batch_size=batch_size, **train_kwargs)
+    key = json.dumps(dict(settings, seed=seed, data_version=DATA_VERSION, config=repr(clip_model.TINY)), sort_keys=True)
+    path = Path(cache_dir) / f"tiny_clip_{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+    if path.is_file():
+        model = clip_model.CLIP(clip_model.TINY)
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model.eval()
+    model = pretrain_tiny_clip(seed=seed, progress=progress, **settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    return model
+
+
+# ========================================================================================
+# Data (2/2): COCO and Flickr30K (Karpathy splits), COCO by super-category
+# ========================================================================================
+
+# ----------------------------------------------------------------------------------------
+# The layout under --data-root
+#
+# Captions and splits come from Karpathy's JSON files (dataset_coco.json,
+# dataset_flickr30k.json), the de-facto standard of retrieval papers: COCO 113,287 train
+# images (his "train" + "restval") and 5,000 test images; Flickr30K 29,000 / 1,000.
+# Training uses "train" and "restval", evaluation "test"; "val" is not used.
+# ----------------------------------------------------------------------------------------
+
+COCO_KARPATHY_JSON = os.path.join("coco", "dataset_coco.json")
+COCO_INSTANCE_JSONS = (os.path.join("coco", "annotations", "instances_train2014.json"),
+                       os.path.join("coco", "annotations", "instances_val2014.json"))
+FLICKR_KARPATHY_JSON = os.path.join("flickr30k", "dataset_flickr30k.json")
+FLICKR_IMAGE_DIR = os.path.join("flickr30k", "flickr30k-images")
+
+TRAIN_SPLITS = ("train", "restval")
+TEST_SPLITS = ("test",)
+KARPATHY_SPLITS = ("train", "restval", "val", "test")
+
+# A few COCO images have 6 or 7 captions; the standard protocol (e.g. the 5K test set with
+# 25,000 captions) uses the first 5 of each image, and so do we, in training too.
+CAPTIONS_PER_IMAGE = 5
+
+DATA_LAYOUT = """\
+  DATA_ROOT/coco/dataset_coco.json                 Karpathy's COCO split (captions, train/test)
+  DATA_ROOT/coco/train2014/*.jpg, val2014/*.jpg    COCO 2014 images
+  DATA_ROOT/coco/annotations/instances_train2014.json, instances_val2014.json
+                                                   COCO 2014 instances (only for coco:supercategory)
+  DATA_ROOT/flickr30k/dataset_flickr30k.json       Karpathy's Flickr30K split
+  DATA_ROOT/flickr30k/flickr30k-images/*.jpg       Flickr30K images"""
+
+
+def read_json(path: str, missing_hint: str = "") -> object:
+    """json.load with errors that name the file: missing, not UTF-8, or malformed (line/column)."""
+    if not os.path.isfile(path):
+        hint = missing_hint or f"Expected this layout under --data-root:\n{DATA_LAYOUT}"
+        raise LPIError(f"file not found: {path}\n{hint}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise LPIError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    except UnicodeDecodeError as e:
+        raise LPIError(f"{path} is not UTF-8 text (byte {e.start}): is it really a JSON file?") from None
+
+
+# ----------------------------------------------------------------------------------------
+# Karpathy's split files
+#
+#   {"dataset": "coco", "images": [{"filepath": "val2014", "filename": "COCO_val2014_...jpg",
+#     "split": "test", "cocoid": 391895, "sentences": [{"raw": "A man ...", "tokens": [...]}, ...]},
+#     ...]}
+# Flickr30K entries look the same without "filepath" and "cocoid".
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class KarpathyImage:
+    """One entry of a Karpathy file: where its image is, its captions, its split."""
+    path: str
+    captions: list[str]
+    split: str
+    cocoid: int | None  # COCO's image id (matches the instance files); None for Flickr30K
+
+
+def _caption_text(sentence: dict) -> str:
+    # "raw" keeps case and punctuation (CLIP's tokenizer lower-cases itself); older files
+    # may only have the tokens.
+    if "raw" in sentence:
+        return sentence["raw"].strip()
+    return " ".join(sentence["tokens"])
+
+
+def read_karpathy(json_path: str, image_path_of: Callable[[dict], str],
+                  max_captions: int = CAPTIONS_PER_IMAGE) -> list[KarpathyImage]:
+    """All entries of a Karpathy split file, validated; image_path_of(entry) -> the image's path."""
+    data = read_json(json_path)
+    entries = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise LPIError(f"{json_path} is not in Karpathy's split format: expected a JSON object with an "
+                       f"'images' list (the dataset_coco.json / dataset_flickr30k.json of Karpathy & Fei-Fei)")
+    images = []
+    for i, entry in enumerate(entries):
+        where = f"{json_path}: images[{i}]"
+        if not isinstance(entry, dict):
+            raise LPIError(f"{where} is a {type(entry).__name__}, not an object: not a Karpathy split file")
+        missing = [key for key in ("filename", "split", "sentences") if key not in entry]
+        if missing:
+            raise LPIError(f"{where} has no {', '.join(map(repr, missing))}: not a Karpathy split file "
+                           f"(each entry needs 'filename', 'split' and 'sentences' [{{'raw': ...}}, ...])")
+        if entry["split"] not in KARPATHY_SPLITS:
+            raise LPIError(f"{where} has split {entry['split']!r}; expected one of {', '.join(KARPATHY_SPLITS)}")
+        try:
+            captions = [_caption_text(s) for s in entry["sentences"]][:max_captions]
+            path = image_path_of(entry)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise LPIError(f"{where} is malformed ({type(e).__name__}: {e}); expected 'sentences' as a "
+                           f"list of {{'raw': ...}} objects and the keys the image path needs") from None
+        if not captions:
+            raise LPIError(f"{where} ({entry['filename']}) has no sentences")
+        images.append(KarpathyImage(path, captions, entry["split"], entry.get("cocoid")))
+    return images
+
+
+def make_set(images: list[KarpathyImage]) -> ImageCaptionSet:
+    return ImageCaptionSet(images=[im.path for im in images], captions=[im.captions for im in images])
+
+
+def split_train_test(images: list[KarpathyImage], source: str) -> tuple[ImageCaptionSet, ImageCaptionSet]:
+    """Karpathy entries -> (train = "train" + "restval", test = "test"); both must be non-empty."""
+    train = [im for im in images if im.split in TRAIN_SPLITS]
+    test = [im for im in images if im.split in TEST_SPLITS]
+    for role, items, splits in (("training", train, TRAIN_SPLITS), ("test", test, TEST_SPLITS)):
+        if not items:
+            raise LPIError(f"{source} has no {role} images (no entry with split "
+                           f"{' or '.join(map(repr, splits))}): is it the full Karpathy file?")
+    return make_set(train), make_set(test)
+
+
+def load_karpathy(json_path: str, image_path_of: Callable[[dict], str]) -> tuple[ImageCaptionSet, ImageCaptionSet]:
+    """A Karpathy split file -> (train, test) ImageCaptionSets with image file paths."""
+    return split_train_test(read_karpathy(json_path, image_path_of), json_path)
+
+
+def check_image_dirs(sets: list[ImageCaptionSet], task: str) -> None:
+    """Fail early if an image folder is missing: otherwise every image would be skipped as
+    unreadable and the run would train on nothing. Single missing files are tolerated
+    (ImageFileDataset flags them)."""
+    dirs = {os.path.dirname(p) for s in sets for p in s.images}
+    missing = sorted(d for d in dirs if not os.path.isdir(d))
+    if missing:
+        raise LPIError(f"task {task!r}: image folder not found: {', '.join(missing)}\n"
+                       f"Expected this layout under --data-root:\n{DATA_LAYOUT}")
+
+
+# ----------------------------------------------------------------------------------------
+# COCO and Flickr30K as single tasks (e.g. --tasks coco,flickr: COCO, then Flickr30K)
+# ----------------------------------------------------------------------------------------
+
+
+def coco_image_path(root: str) -> Callable[[dict], str]:
+    return lambda entry: os.path.join(root, "coco", entry["filepath"], entry["filename"])
+
+
+def flickr_image_path(root: str) -> Callable[[dict], str]:
+    return lambda entry: os.path.join(root, FLICKR_IMAGE_DIR, entry["filename"])
+
+
+def coco_task(root: str) -> Task:
+    """COCO (Karpathy split) as one task named "coco"."""
+    train, test = load_karpathy(os.path.join(root, COCO_KARPATHY_JSON), coco_image_path(root))
+    check_image_dirs([train, test], "coco")
+    return Task("coco", train, test)
+
+
+def flickr_task(root: str) -> Task:
+    """Flickr30K (Karpathy split) as one task named "flickr"."""
+    train, test = load_karpathy(os.path.join(root, FLICKR_KARPATHY_JSON), flickr_image_path(root))
+    check_image_dirs([train, test], "flickr")
+    return Task("flickr", train, test)
+
+
+# ----------------------------------------------------------------------------------------
+# COCO split by super-category: the paper's 12 tasks
+#
+# COCO's 80 object categories fall into 12 super-categories. The authors number them
+# from a preprocessed file we do not have; we number them 1..12 in the order they first
+# appear in COCO's own category list (sorted by category id) [ours], which gives
+#   1 person, 2 vehicle, 3 outdoor, 4 animal, 5 accessory, 6 sports, 7 kitchen, 8 food,
+#   9 furniture, 10 electronic, 11 appliance, 12 indoor.
+# An image belongs to the super-category that covers most of its annotated instance
+# area [ours]:
+#     s*(image) = argmax_s  Σ_{annotations a of the image, supercat(a) = s}  area(a)
+# ties going to the lower number; images without any annotation are dropped. Crowd
+# annotations count like the others: they are annotated area too.
+# ----------------------------------------------------------------------------------------
+
+# The authors' task order, as super-category numbers (LPI_SPEC §7): appliance, sports,
+# outdoor, electronic, accessory, indoor, kitchen, furniture, vehicle, food, animal, person.
+COCO_TASK_ORDER = (11, 6, 3, 10, 5, 12, 7, 9, 2, 8, 4, 1)
+
+
+def number_supercategories(categories: list[dict]) -> tuple[list[str], dict[int, int]]:
+    """COCO's "categories" -> (names, number_of_category): names[s - 1] is super-category s,
+    numbered 1.. by first appearance in the list sorted by category id."""
+    numbers: dict[str, int] = {}
+    number_of_category = {}
+    for cat in sorted(categories, key=lambda c: c["id"]):
+        number_of_category[cat["id"]] = numbers.setdefault(cat["supercategory"], len(numbers) + 1)
+    return list(numbers), number_of_category   # dicts keep insertion order = numbering
+
+
+def dominant_supercategory(area: dict[int, float]) -> int:
+    """The super-category number with the largest summed area; ties -> the lower number."""
+    return max(area, key=lambda s: (area[s], -s))
+
+
+def read_instance_areas(paths: list[str]) -> tuple[list[str], dict[int, dict[int, float]]]:
+    """COCO instance files -> (super-category names, {image id: {super-category: summed area}}).
+
+    The train2014 and val2014 files are merged: Karpathy's splits mix images of both.
+    """
+    hint = ("The COCO 2014 instance annotations are needed only for the coco:supercategory tasks "
+            "(get annotations_trainval2014.zip from cocodataset.org). Expected:\n" + DATA_LAYOUT)
+    categories: dict[int, dict] = {}
+    annotations = []
+    for path in paths:
+        data = read_json(path, missing_hint=hint)
+        if not isinstance(data, dict) or not {"categories", "annotations"} <= data.keys():
+            raise LPIError(f"{path} is not a COCO instances file: expected a JSON object with "
+                           f"'categories' and 'annotations' lists")
+        try:
+            for cat in data["categories"]:
+                old = categories.setdefault(cat["id"], cat)
+                if (old["name"], old["supercategory"]) != (cat["name"], cat["supercategory"]):
+                    raise LPIError(f"{path}: category {cat['id']} is defined twice, differently: "
+                                   f"{old['name']}/{old['supercategory']} vs {cat['name']}/{cat['supercategory']}")
+            annotations += [(a["image_id"], a["category_id"], float(a["area"])) for a in data["annotations"]]
+        except (KeyError, TypeError) as e:
+            raise LPIError(f"{path} is malformed ({type(e).__name__}: {e}): each category needs "
+                           f"'id', 'name', 'supercategory'; each annotation 'image_id', 'category_id', 'area'") from None
+        del data  # the train2014 file is over 300 MB of JSON: free it before reading the next
+
+    names, number_of_category = number_supercategories(list(categories.values()))
+    area: dict[int, dict[int, float]] = defaultdict(lambda: defaultdict(float))
+    for image_id, category_id, a in annotations:
+        if category_id not in number_of_category:
+            raise LPIError(f"an annotation of image {image_id} has category {category_id}, "
+                           f"which is not in the instance files' 'categories'")
+        area[image_id][number_of_category[category_id]] += a
+    return names, {image_id: dict(by_super) for image_id, by_super in area.items()}
+
+
+@dataclass
+class SupercategorySplit:
+    """The 12 COCO super-category tasks, and what the split did."""
+    tasks: list[Task]            # in COCO_TASK_ORDER
+    names: list[str]             # names[s - 1] = super-category number s
+    dropped: dict[str, int]      # Karpathy images without annotated instances, per role ("train", "test")
+
+    def summary(self) -> str:
+        lines = [f"coco:supercategory: {len(self.tasks)} tasks; dropped images without annotated "
+                 f"instances: {self.dropped['train']} train, {self.dropped['test']} test"]
+        for k, (task, number) in enumerate(zip(self.tasks, COCO_TASK_ORDER), 1):
+            lines.append(f"  task {k:2d}  {task.name:<17} (super-category {number:2d})  "
+                         f"train {len(task.train):6d}  test {len(task.test):5d}")
+        return "\n".join(lines)
+
+
+def split_coco_by_supercategory(root: str) -> SupercategorySplit:
+    """Karpathy's COCO split, each image given to its dominant super-category (see above)."""
+    json_path = os.path.join(root, COCO_KARPATHY_JSON)
+    images = read_karpathy(json_path, coco_image_path(root))
+    names, area = read_instance_areas([os.path.join(root, p) for p in COCO_INSTANCE_JSONS])
+    if len(names) != len(COCO_TASK_ORDER):
+        raise LPIError(f"the COCO instance files list {len(names)} super-categories ({', '.join(names)}); "
+                       f"the 12-task protocol expects COCO 2014's {len(COCO_TASK_ORDER)}")
+
+    groups = {(s, role): [] for s in COCO_TASK_ORDER for role in ("train", "test")}
+    dropped = Counter(train=0, test=0)
+    for im in images:
+        role = "train" if im.split in TRAIN_SPLITS else "test" if im.split in TEST_SPLITS else None
+        if role is None:
+            continue  # Karpathy's "val" split is not used
+        if im.cocoid is None:
+            raise LPIError(f"{json_path}: the entry of {im.path} has no 'cocoid', which links it to the "
+                           f"COCO instance annotations: use Karpathy's dataset_coco.json")
+        if im.cocoid not in area:  # no annotation at all (or an image absent from the instance files)
+            dropped[role] += 1
+            continue
+        groups[dominant_supercategory(area[im.cocoid]), role].append(im)
+
+    tasks = []
+    for s in COCO_TASK_ORDER:
+        name = f"coco:{names[s - 1]}"
+        for role in ("train", "test"):
+            if not groups[s, role]:
+                raise LPIError(f"task {name} has no {role} images after the super-category split of {json_path}")
+        tasks.append(Task(name, make_set(groups[s, "train"]), make_set(groups[s, "test"])))
+    check_image_dirs([t.train for t in tasks] + [t.test for t in tasks], "coco:supercategory")
+    return SupercategorySplit(tasks, names, dict(dropped))
+
+
+def coco_supercategory_tasks(root: str, verbose: bool = True) -> list[Task]:
+    """The paper's 12 COCO tasks, in the authors' order; prints the split's summary."""
+    split = split_coco_by_supercategory(root)
+    if verbose:
+        print(split.summary())
+    return split.tasks
+
+
+# ----------------------------------------------------------------------------------------
+# Subsampling (--max-train-per-task / --max-test-per-task)
+# ----------------------------------------------------------------------------------------
+
+
+def subsample(data: ImageCaptionSet, n: int | None, seed: int = 0) -> ImageCaptionSet:
+    """n images drawn without replacement (all their captions kept), in their original order.
+
+    Deterministic: depends only on (len(data), n, seed), never on the global RNG.
+    n = None or n >= len(data) returns data unchanged.
+    """
+    if n is None or n >= len(data):
+        return data
+    keep = sorted(random.Random(seed).sample(range(len(data)), n))
+    return ImageCaptionSet(images=[data.images[i] for i in keep], captions=[data.captions[i] for i in keep])
+
+
+def subsample_task(task: Task, max_train: int | None, max_test: int | None, seed: int = 0) -> Task:
+    return Task(task.name, subsample(task.train, max_train, seed), subsample(task.test, max_test, seed))
+
+
+# ----------------------------------------------------------------------------------------
+# Loading images from files
+#
+# A big image collection nearly always has a few unreadable files (a broken download, a
+# truncated JPEG). One of them must not kill a run of hours, and must not pass silently
+# either. So __getitem__ never raises on a bad image: it returns ok = False and a zero
+# tensor of the right shape, and the *caller* drops those items and counts them. The
+# count has to live in the caller: with DataLoader(num_workers > 0) every worker is a
+# separate process holding its own copy of the dataset, so a counter kept in the dataset
+# would never reach the main process.
+# ----------------------------------------------------------------------------------------
+
+# What a bad image file raises in PIL: OSError for missing / truncated / unidentified files
+# (UnidentifiedImageError is an OSError), SyntaxError from some format plugins, and
+# DecompressionBombError for absurdly large images. Errors inside `preprocess` are bugs,
+# not bad files, and are not caught.
+UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError)
+
+
+class ImageFileDataset(Dataset):
+    """Images of an ImageCaptionSet (file paths) read with PIL and turned into tensors.
+
+    mode="pairs"  (training): one item per (image, caption) pair -> (image, caption, image_index, ok)
+    mode="images" (evaluation): one item per image               -> (image, image_index, ok)
+
+    image is preprocess(PIL RGB image), a tensor; when the file is missing or cannot be
+    decoded, image is a zero tensor of the same shape and ok is False. The default
+    collate_fn batches ok into a bool tensor; `drop_unreadable` removes those items.
+    """
+
+    def __init__(self, data: ImageCaptionSet, preprocess: Callable, mode: str = "pairs"):
+        if mode not in ("pairs", "images"):
+            raise ValueError(f"mode must be 'pairs' or 'images', not {mode!r}")
+        self.data, self.preprocess, self.mode = data, preprocess, mode
+        # (image index, caption) for every pair, in order
+        self.pairs = [(i, c) for i, caps in enumerate(data.captions) for c in caps] if mode == "pairs" else None
+        self._blank = None  # zero tensor standing in for an unreadable image, made on first need
+
+    def __len__(self) -> int:
+        return len(self.pairs) if self.mode == "pairs" else len(self.data)
+
+    def load(self, index: int) -> tuple[torch.Tensor, bool]:
+        """(preprocessed image, True), or (zeros of the same shape, False) if it cannot be read."""
+        try:
+            with Image.open(self.data.images[index]) as img:
+                img = img.convert("RGB")  # forces the full decode, so truncated files fail here
+        except UNREADABLE_IMAGE_ERRORS:
+            if self._blank is None:
+                # preprocess resizes and crops to a fixed size, so any blank image gives the shape
+                self._blank = torch.zeros_like(self.preprocess(Image.new("RGB", (64, 64))))
+            return self._blank, False
+        return self.preprocess(img), True
+
+    def __getitem__(self, k: int):
+        if self.mode == "pairs":
+            i, caption = self.pairs[k]
+            image, ok = self.load(i)
+            return image, caption, i, ok
+        image, ok = self.load(k)
+        return image, k, ok
+
+
+def drop_unreadable(batch):
+    """A collated ImageFileDataset batch -> (the batch without its unreadable items, how many were dropped).
+
+    The last field of the batch is the ok mask; tensors are indexed with it, lists of
+    captions filtered by it.
+    """
+    *fields, ok = batch
+    kept = [f[ok] if isinstance(f, torch.Tensor) else [x for x, keep in zip(f, ok.tolist()) if keep]
+            for f in fields]
+    return tuple(kept), int((~ok).sum())
+
+
+# ----------------------------------------------------------------------------------------
+# --tasks: a comma-separated list of task names, in training order
+# ----------------------------------------------------------------------------------------
+
+REAL_TASK_NAMES = ("coco", "flickr", "coco:supercategory")
+
+
+def _require_data_root(data_root: str | None, task: str) -> str:
+    if data_root is None:
+        raise LPIError(f"task {task!r} reads real data: pass --data-root DIR, with this layout:\n{DATA_LAYOUT}")
+    if not os.path.isdir(data_root):
+        raise LPIError(f"--data-root {data_root} is not a directory (needed by task {task!r}); "
+                       f"expected this layout:\n{DATA_LAYOUT}")
+    return data_root
+
+
+def parse_task_specs(spec: str, data_root: str | None,
+                     builtin: dict[str, Callable[[], Task]]) -> list[Task]:
+    """"coco,flickr" -> [Task("coco"), Task("flickr")]; "coco:supercategory" expands to the 12
+    COCO tasks; a key of `builtin` is built by calling builtin[key](). All names are checked
+    before anything is loaded."""
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    valid = list(REAL_TASK_NAMES) + [k for k in builtin if k not in REAL_TASK_NAMES]
+    if not names:
+        raise LPIError(f"--tasks is empty; valid task names: {', '.join(valid)}")
+    for name in names:
+        if name not in valid:
+            raise LPIError(f"unknown task {name!r} in --tasks {spec!r}; valid task names: {', '.join(valid)}")
+
+    tasks: list[Task] = []
+    for name in names:
+        if name == "coco":
+            tasks.append(coco_task(_require_data_root(data_root, name)))
+        elif name == "flickr":
+            tasks.append(flickr_task(_require_data_root(data_root, name)))
+        elif name == "coco:supercategory":
+            tasks += coco_supercategory_tasks(_require_data_root(data_root, name))
+        else:
+            tasks.append(builtin[name]())
+    seen = Counter(t.name for t in tasks)
+    repeated = [n for n, count in seen.items() if count > 1]
+    if repeated:
+        raise LPIError(f"--tasks {spec!r} gives task(s) {', '.join(repeated)} more than once; "
+                       f"each task must appear once (results are kept per task name)")
+    return tasks
+
+
+# ========================================================================================
+# §7  Evaluation: Recall@K over the pool of all seen tasks
+# ========================================================================================
+
+# ---------------------------------------------------------------------------------------
+# Evaluation: Recall@K
+#
+# After task t the candidate pool is the union of the test items of tasks 1..t, and the
+# recall of each seen task k is reported over the queries of task k only (LPI_SPEC §7).
+# So we compute the rank of every query against the whole pool once, and a task's recall
+# is then `recall_from_ranks(ranks[task_mask])`.
+#
+# Rank of a query (a deterministic, pessimistic tie rule):
+#     rank(q) = #{ wrong candidates w : score(q, w) >= best score of a correct candidate }
+#     hit@K(q)  <=>  rank(q) < K
+# A wrong candidate that ties with the best correct one is counted as ranked above it, so
+# a degenerate model (e.g. all scores equal) gets R@K ~ K/N, never 100 %. Other correct
+# candidates (the other captions of the same image) never count against a query.
+# Scores must be finite: a NaN compares False and would silently count as "below".
+# ---------------------------------------------------------------------------------------
+
+# Row-block size of the chunked loops below. Blocks of ~1-2 M booleans (64 x 25,000)
+# stay in cache and are reused by the allocator; on 2 CPU cores they made the counting
+# about 5x faster than blocks of 500+ rows or than one (N_img, N_cap) mask.
+CHUNK_ROWS = 64
+
+
+def t2i_ranks(sim: Tensor, cap2img: Tensor, cap_queries: Tensor | None = None,
+              chunk: int = CHUNK_ROWS) -> Tensor:
+    """Rank of each caption query among the images (see the tie rule above).
+
+    sim: (N_img, N_cap) similarities; cap2img: (N_cap,) the image of each caption;
+    cap_queries: optional (Q,) caption indices used as queries (default: all captions).
+    Returns a LongTensor (Q,) of ranks, 0 = the caption's image comes first.
+    """
+    n_img, n_cap = sim.shape
+    dev = sim.device
+    cap2img = cap2img.to(dev)
+    all_caps = torch.arange(n_cap, device=dev)
+    queries = all_caps if cap_queries is None else cap_queries.to(dev)
+    # Each caption has exactly one correct image, so its correct score is one entry.
+    correct = sim[cap2img[queries], queries]                                     # (Q,)
+    # Count the images scoring >= the correct one, one block of image rows at a time.
+    # The correct image itself always passes the test, hence the -1 at the end.
+    n_ge = torch.zeros(len(queries), dtype=torch.long, device=dev)
+    for start in range(0, n_img, chunk):
+        block = sim[start:start + chunk]                                         # (chunk, N_cap)
+        if cap_queries is not None:
+            block = block[:, queries]                                            # (chunk, Q)
+        n_ge += (block >= correct).sum(0)
+    return n_ge - 1
+
+
+def i2t_ranks(sim: Tensor, cap2img: Tensor, img_queries: Tensor | None = None,
+              chunk: int = CHUNK_ROWS) -> Tensor:
+    """Rank of each image query among the captions (see the tie rule above).
+
+    sim: (N_img, N_cap); cap2img: (N_cap,); img_queries: optional (Q,) image indices
+    (default: all images). An image is a hit at K if any of its captions is in the top K,
+    so its rank is measured from its best-scoring caption.
+    Returns a LongTensor (Q,); an image without captions gets rank N_cap (never a hit).
+    """
+    n_img, n_cap = sim.shape
+    dev = sim.device
+    cap2img = cap2img.to(dev)
+    queries = torch.arange(n_img, device=dev) if img_queries is None else img_queries.to(dev)
+
+    # Best correct score per image: scatter the correct score of every caption,
+    # sim[cap2img[c], c], onto its image with an amax reduction.
+    correct = sim[cap2img, torch.arange(n_cap, device=dev)]                      # (N_cap,)
+    best = torch.full((n_img,), float("-inf"), dtype=sim.dtype, device=dev)
+    best = best.scatter_reduce(0, cap2img, correct, reduce="amax")               # (N_img,)
+    # Correct captions tying with the best one also pass the >= test below; count them
+    # so they can be taken out again (they are never "wrong").
+    n_best_correct = torch.bincount(cap2img[correct == best[cap2img]], minlength=n_img)
+
+    best_q = best[queries]                                                       # (Q,)
+    n_ge = torch.empty(len(queries), dtype=torch.long, device=dev)
+    for start in range(0, len(queries), chunk):
+        stop = start + chunk
+        # A plain slice when ranking all images (no copy), gathered rows otherwise.
+        block = sim[start:stop] if img_queries is None else sim[queries[start:stop]]
+        n_ge[start:stop] = (block >= best_q[start:stop, None]).sum(1)            # (chunk,)
+    # An image with no caption: best = -inf, every caption is ">=" and wrong -> N_cap.
+    return n_ge - n_best_correct[queries]
+
+
+def recall_from_ranks(ranks: Tensor, ks=(1, 5, 10)) -> dict:
+    """{"R@K": percentage of queries with rank < K} for each K."""
+    if len(ranks) == 0:
+        return {f"R@{k}": float("nan") for k in ks}
+    return {f"R@{k}": 100.0 * (ranks < k).double().mean().item() for k in ks}
+
+
+def recall_at_k(sim: Tensor, cap2img: Tensor, ks=(1, 5, 10),
+                img_queries: Tensor | None = None, cap_queries: Tensor | None = None) -> dict:
+    """Image->text and text->image Recall@K in percent.
+
+    sim: (N_img, N_cap) similarities between every image and every caption of the pool;
+    cap2img: (N_cap,) LongTensor, the image each caption describes (several captions
+    may share one image). img_queries / cap_queries restrict the queries (e.g. to one
+    task's test items) while the candidates stay the whole pool.
+    Returns {"i2t": {"R@1": ..., "R@5": ..., "R@10": ...}, "t2i": {...}}.
+
+    For a T x T table, rank once and slice per task instead of calling this T times:
+        r_i2t, r_t2i = i2t_ranks(sim, cap2img), t2i_ranks(sim, cap2img)
+        row = {k: recall_from_ranks(r_i2t[img_task == k], ks) for k in seen_tasks}
+    """
+    return {
+        "i2t": recall_from_ranks(i2t_ranks(sim, cap2img, img_queries), ks),
+        "t2i": recall_from_ranks(t2i_ranks(sim, cap2img, cap_queries), ks),
+    }
+
+
+# ========================================================================================
+# §7  The continual loop: train task t, fit its keys, evaluate all seen tasks, checkpoint
+# ========================================================================================
+
+def image_batches(data: ImageCaptionSet, order: list[int], batch_size: int, preprocess, workers: int):
+    """Yield (images (b, 3, H, W) float, positions in `order`, ok (b,) bool) in `order`.
+    Built-in sets are tensors already at the model's resolution: slice and normalise.
+    File sets go through a DataLoader; a missing or corrupt file comes back with ok=False
+    (the worker cannot count it for us: the caller does)."""
+    if isinstance(data.images, torch.Tensor):
+        for s in range(0, len(order), batch_size):
+            idx = torch.tensor(order[s:s + batch_size])
+            yield normalize_images(data.images[idx]), torch.arange(s, s + len(idx)), torch.ones(len(idx), dtype=torch.bool)
+        return
+    ds = torch.utils.data.Subset(ImageFileDataset(data, preprocess, mode="images"), order)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, shuffle=False)
+    s = 0
+    for x, _, ok in loader:
+        yield x, torch.arange(s, s + len(x)), ok
+        s += len(x)
+
+
+def autocast(device: torch.device):
+    """bf16 mixed precision on CUDA; plain fp32 elsewhere (CPU bf16 matmuls are slow)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+@torch.no_grad()
+def encode_set(model: LPI, data: ImageCaptionSet, run: "RunSettings", img_task=None, cap_task=None,
+               progress: str | None = None):
+    """Encode every image and every caption of a set, with per-item task prompts (None:
+    frozen CLIP). Returns image feats (N, E), caption feats (N_cap, E), cap2img (N_cap,),
+    ok (N,) bool (False: unreadable image, to be left out of the pool)."""
+    from tqdm import tqdm
+
+    dev = run.device
+    img_feats, ok_all = [], []
+    order = list(range(len(data)))
+    bar = tqdm(total=len(order), desc=progress, leave=False, disable=progress is None or not run.progress)
+    for x, pos, ok in image_batches(data, order, run.batch_size, run.preprocess, run.workers):
+        ids = None if img_task is None else img_task[pos].to(dev)
+        with autocast(dev):
+            img_feats.append(model.encode_image(x.to(dev), ids).float().cpu())
+        ok_all.append(ok)
+        bar.update(len(x))
+    bar.close()
+    captions = [c for caps in data.captions for c in caps]
+    cap2img = torch.tensor([i for i, caps in enumerate(data.captions) for _ in caps], dtype=torch.long)
+    cap_feats = []
+    for s in range(0, len(captions), run.batch_size):
+        tokens = model.tokenize(captions[s:s + run.batch_size]).to(dev)
+        ids = None if cap_task is None else cap_task[s:s + run.batch_size].to(dev)
+        with autocast(dev):
+            cap_feats.append(model.encode_text(tokens, ids).float().cpu())
+    return torch.cat(img_feats), torch.cat(cap_feats), cap2img, torch.cat(ok_all)
+
+
+def train_task(model: LPI, t: int, data: ImageCaptionSet, run: "RunSettings",
+               similarity: torch.Tensor | None) -> dict[str, float]:
+    """Train task t's parameters (only those) on its pairs. SGD with momentum, cosine
+    schedule (LPI_SPEC §7). Each epoch shows every image once, with one of its captions
+    drawn at random, so a batch never holds two captions of one image (false negatives)."""
+    from tqdm import tqdm
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        return {}
+    opt = torch.optim.SGD(params, lr=run.lr, momentum=0.9, weight_decay=run.weight_decay)
+    per_epoch = math.ceil(len(data) / run.batch_size)
+    total = run.epochs * per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / total)))
+    g = torch.Generator().manual_seed(run.seed * 1000 + t)
+    model.train()
+    bar = tqdm(total=total, desc=f"task {t + 1} train", disable=not run.progress)
+    running: dict[str, float] = {}
+    for epoch in range(run.epochs):
+        order = torch.randperm(len(data), generator=g).tolist()
+        pick = [int(torch.randint(len(data.captions[i]), (1,), generator=g)) for i in order]
+        for x, pos, ok in image_batches(data, order, run.batch_size, run.preprocess, run.workers):
+            caps = [data.captions[order[p]][pick[p]] for p in pos.tolist()]
+            keep = ok.nonzero().flatten()
+            if len(keep) < 2:  # a contrastive loss needs at least one negative
+                bar.update(1)
+                continue
+            x, caps = x[keep], [caps[i] for i in keep.tolist()]
+            tokens = model.tokenize(caps).to(run.device)
+            with autocast(run.device):
+                losses = model.losses(x.to(run.device), tokens, t, similarity)
+            opt.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            opt.step()
+            sched.step()
+            for k, v in losses.items():  # exponential moving average for the progress bar
+                running[k] = v.item() if k not in running else 0.9 * running[k] + 0.1 * v.item()
+            bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()})
+            bar.update(1)
+    bar.close()
+    model.eval()
+    return running
+
+
+@dataclass
+class RunSettings:
+    """What the loop needs besides the model (filled from the command line)."""
+    device: torch.device
+    preprocess: object
+    batch_size: int
+    epochs: int
+    lr: float
+    weight_decay: float
+    seed: int
+    workers: int = 0
+    keys_k: int = 5
+    routing: str = "kmeans"
+    progress: bool = True
+
+
+def forgetting(matrix: list[list[float | None]], t: int) -> float:
+    """Average forgetting after step t: for each task k < t, the best recall it had after
+    an earlier step minus its recall now, averaged over k (LPI_SPEC §7)."""
+    if t < 1:
+        return 0.0
+    drops = [max(matrix[s][k] for s in range(k, t)) - matrix[t][k] for k in range(t)]
+    return sum(drops) / len(drops)
+
+
+def row_summary(row: dict) -> dict:
+    """{"i2t": {"R@1": [per task], ...}, "t2i": ...} -> the average over tasks of each
+    recall, and their mean ("mean recall")."""
+    out = {f"{d}_{K}": sum(v) / len(v) for d in ("i2t", "t2i") for K, v in row[d].items()}
+    out["mean_recall"] = sum(out.values()) / len(out)
+    return out
+
+
+def summarize(recall: dict, t: int) -> dict:
+    """After step t (0-based): row t's averages over tasks 1..t+1 and the average
+    forgetting of R@1 in each direction."""
+    out = row_summary({d: {K: m[t][: t + 1] for K, m in recall[d].items()} for d in ("i2t", "t2i")})
+    for d in ("i2t", "t2i"):
+        out[f"{d}_forgetting_R@1"] = forgetting(recall[d]["R@1"], t)
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: LPI, tasks: list[Task], frozen: list[tuple], router: TaskRouter, run: RunSettings,
+             ks=(1, 5, 10)) -> tuple[dict, dict]:
+    """Retrieval over the union of the test items of `tasks` (all tasks seen so far).
+
+    Every image and caption is routed to a task (nearest k-means key of its frozen CLIP
+    embedding, or its true task with --routing oracle) and encoded with that task's prompts;
+    recall of task k is then measured over task k's queries against the whole pool.
+    Returns ({"i2t": {"R@1": [per task]}, "t2i": ...}, {"image": acc, "text": acc})."""
+    img, cap, c2i, img_task_of, cap_task_of = [], [], [], [], []
+    hits_img = hits_cap = 0
+    offset = 0
+    for k, (task, (f_img, f_cap, f_c2i, ok)) in enumerate(zip(tasks, frozen)):
+        if run.routing == "oracle":
+            r_img, r_cap = torch.full((len(f_img),), k), torch.full((len(f_cap),), k)
+        else:
+            r_img, r_cap = router.route_images(f_img), router.route_texts(f_cap)
+        hits_img += int((r_img[ok] == k).sum())
+        hits_cap += int((r_cap[ok[f_c2i]] == k).sum())
+        if model.prompted:
+            e_img, e_cap, _, _ = encode_set(model, task.test, run, r_img, r_cap, progress=f"eval {task.name}")
+        else:
+            e_img, e_cap = f_img, f_cap
+        # Unreadable images leave the pool together with their captions.
+        keep_cap = ok[f_c2i]
+        new_index = torch.cumsum(ok.long(), 0) - 1
+        img.append(e_img[ok]); cap.append(e_cap[keep_cap]); c2i.append(new_index[f_c2i[keep_cap]] + offset)
+        img_task_of.append(torch.full((int(ok.sum()),), k)); cap_task_of.append(torch.full((int(keep_cap.sum()),), k))
+        offset += int(ok.sum())
+    img, cap = F.normalize(torch.cat(img), dim=-1), F.normalize(torch.cat(cap), dim=-1)
+    c2i, img_task_of, cap_task_of = torch.cat(c2i), torch.cat(img_task_of), torch.cat(cap_task_of)
+    sim = img @ cap.t()                                            # (N_img, N_cap) over the pool
+    r_i2t, r_t2i = i2t_ranks(sim, c2i), t2i_ranks(sim, c2i)
+    recall = {"i2t": {f"R@{K}": [] for K in ks}, "t2i": {f"R@{K}": [] for K in ks}}
+    for k in range(len(tasks)):
+        for d, ranks in (("i2t", r_i2t[img_task_of == k]), ("t2i", r_t2i[cap_task_of == k])):
+            for name, v in recall_from_ranks(ranks, ks).items():
+                recall[d][name].append(v)
+    n_img, n_cap = len(img_task_of), len(cap_task_of)
+    return recall, {"image": 100.0 * hits_img / max(n_img, 1), "text": 100.0 * hits_cap / max(n_cap, 1)}
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file and rename: an interrupted run never leaves a half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_json(path: Path, obj) -> None:
+    _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2)))
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = sorted((out / "checkpoints").glob("task_*.pt"))
+    return found[-1] if found else None
+
+
+# Settings that may differ between an interrupted run and its --resume.
+_RESUME_FREE = {"resume", "out", "device", "workers", "progress"}
+
+
+def run_continual(model: LPI, tasks: list[Task], run: RunSettings, out: Path, config: dict,
+                  resume: bool = False) -> dict:
+    """The continual protocol (LPI_SPEC §6-7). For t = 1..T: open task t's prompts, fit its
+    routing keys and centroid on frozen features, train, evaluate on all seen tasks, and
+    checkpoint (prompts, keys, centroids, results so far). --resume restarts after the last
+    finished task; per-task seeds make the result identical to an uninterrupted run."""
+    import time
+
+    T = len(tasks)
+    router = TaskRouter(seed=run.seed)
+    cent_img, cent_txt = [], []
+    nan_matrix = lambda: [[None] * T for _ in range(T)]  # noqa: E731
+    results = {"config": config, "tasks": [t.name for t in tasks],
+               "recall": {d: {f"R@{K}": nan_matrix() for K in (1, 5, 10)} for d in ("i2t", "t2i")},
+               "routing_accuracy": [], "trainable_params_per_task": count_parameters(model.cfg, model.D_v, model.D_t),
+               "skipped_images": 0, "wall_time_s": 0.0}
+    start = 0
+    ckpt_path = latest_checkpoint(out)
+    if resume and ckpt_path is not None:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        differ = sorted(k for k in set(config) | set(ckpt["config"])
+                        if k not in _RESUME_FREE and config.get(k) != ckpt["config"].get(k))
+        if differ:
+            raise LPIError(f"--resume: {ckpt_path} was made with other settings ({', '.join(differ)}); "
+                           f"expected the same as the interrupted run")
+        start = ckpt["done"]
+        for _ in range(start if not model.shared else min(start, 1)):
+            model.add_task()
+        model.task_prompts.load_state_dict(ckpt["task_prompts"])
+        router.load_state_dict(ckpt["router"])
+        cent_img, cent_txt = list(ckpt["centroids_img"]), list(ckpt["centroids_txt"])
+        results = ckpt["results"]
+        results["config"] = config
+        print(f"resuming after task {start} of {T} from {ckpt_path}")
+    elif ckpt_path is not None:
+        raise LPIError(f"{out} already holds a run ({ckpt_path.name}); pass --resume to continue it, "
+                       f"or choose another --out")
+    t0 = time.time() - results["wall_time_s"]
+    frozen_test: list[tuple | None] = [None] * T  # frozen CLIP features of each test set
+    skipped = 0
+    for t in range(start, T):
+        task = tasks[t]
+        torch.manual_seed(run.seed * 1000 + t)
+        idx = model.add_task()
+        f_img, f_cap, _, ok = encode_set(model, task.train, run, progress=f"keys {task.name}")
+        skipped += int((~ok).sum())
+        if run.routing == "kmeans":
+            router.add_task(f_img[ok], f_cap, run.keys_k)
+        cent_img.append(F.normalize(f_img[ok], dim=-1).mean(0))
+        cent_txt.append(F.normalize(f_cap, dim=-1).mean(0))
+        similarity = task_similarity(torch.stack(cent_img), torch.stack(cent_txt))
+        train_task(model, idx, task.train, run, similarity)
+        for k in range(t + 1):
+            if frozen_test[k] is None:
+                frozen_test[k] = encode_set(model, tasks[k].test, run)  # no task ids: plain CLIP
+        recall, routing = evaluate(model, tasks[: t + 1], frozen_test[: t + 1], router, run)
+        for d in recall:
+            for K, values in recall[d].items():
+                results["recall"][d][K][t][: t + 1] = values
+        results["routing_accuracy"].append(routing)
+        results["skipped_images"] += skipped
+        skipped = 0
+        results["wall_time_s"] = time.time() - t0
+        results["summary"] = summarize(results["recall"], t)
+        state = {"config": config, "done": t + 1, "task_prompts": model.task_prompts.state_dict(),
+                 "router": router.state_dict(), "centroids_img": torch.stack(cent_img),
+                 "centroids_txt": torch.stack(cent_txt), "results": results}
+        _atomic_write(out / "checkpoints" / f"task_{t + 1:02d}.pt", lambda p: torch.save(state, p))
+        save_json(out / "results.json", results)
+        print(f"task {t + 1}/{T} {task.name}: " + ", ".join(
+            f"{d} R@1 {sum(recall[d]['R@1']) / (t + 1):.1f}" for d in recall)
+            + f" (avg over seen tasks); routing image {routing['image']:.1f}% text {routing['text']:.1f}%")
+    # zero-shot CLIP on the same final pool: the frozen features are there already
+    for k in range(T):
+        if frozen_test[k] is None:
+            frozen_test[k] = encode_set(model, tasks[k].test, run)  # no task ids: plain CLIP
+    zs, _ = evaluate(LPI(model.clip, LPIConfig(J=0)), tasks, frozen_test, router, run)
+    results["zeroshot"] = {"recall": zs, "summary": row_summary(zs)}
+    results["summary"] = summarize(results["recall"], T - 1)
+    results["wall_time_s"] = time.time() - t0
+    save_json(out / "results.json", results)
+    return results
+
+
+# ========================================================================================
+# Reporting: the table on stdout and the heat-map of the R@1 matrix
+# ========================================================================================
+
+def format_table(results: dict) -> str:
+    """Final recall per task (LPI and zero-shot CLIP on the same pool) and the averages."""
+    names, rec, zs = results["tasks"], results["recall"], results.get("zeroshot")
+    lines = [f"{'task':<22}{'method':<10}" + "".join(f"{d} {K:<6}" for d in ("i2t", "t2i") for K in ("R@1", "R@5", "R@10"))]
+    rows = []
+    for k, name in enumerate(names):
+        rows.append((name, results["config"].get("method", "lpi"),
+                     [rec[d][K][-1][k] for d in ("i2t", "t2i") for K in ("R@1", "R@5", "R@10")]))
+        if zs:
+            rows.append(("", "zeroshot", [zs["recall"][d][K][k] for d in ("i2t", "t2i") for K in ("R@1", "R@5", "R@10")]))
+    for name, method, vals in rows:
+        lines.append(f"{name:<22}{method:<10}" + "".join(f"{v:>10.1f}" for v in vals))
+    s = results["summary"]
+    lines.append("-" * len(lines[0]))
+    lines.append(f"{'average':<22}{results['config'].get('method', 'lpi'):<10}"
+                 + "".join(f"{s[f'{d}_{K}']:>10.1f}" for d in ("i2t", "t2i") for K in ("R@1", "R@5", "R@10")))
+    if zs:
+        z = zs["summary"]
+        lines.append(f"{'':<22}{'zeroshot':<10}"
+                     + "".join(f"{z[f'{d}_{K}']:>10.1f}" for d in ("i2t", "t2i") for K in ("R@1", "R@5", "R@10")))
+    lines.append(f"mean recall {s['mean_recall']:.1f}" + (f" (zero-shot {zs['summary']['mean_recall']:.1f})" if zs else "")
+                 + f"; average forgetting of R@1: i2t {s['i2t_forgetting_R@1']:.1f}, t2i {s['t2i_forgetting_R@1']:.1f}")
+    if results["routing_accuracy"]:
+        r = results["routing_accuracy"][-1]
+        lines.append(f"routing accuracy after the last task: images {r['image']:.1f}%, captions {r['text']:.1f}%")
+    p = results["trainable_params_per_task"]
+    lines.append(f"trainable parameters per task: {p['total']:,} (prompts {p['prompts']:,}, "
+                 f"interaction {p['interaction']:,}); wall time {results['wall_time_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def plot_recall(results: dict, path: Path) -> None:
+    """Heat-maps of the R@1 matrices: row t = after training task t, column k = task k."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = results["tasks"]
+    T = len(names)
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.6 * T, 1.5 + 0.7 * T), squeeze=False)
+    for ax, d in zip(axes[0], ("i2t", "t2i")):
+        m = torch.tensor([[float("nan") if v is None else v for v in row] for row in results["recall"][d]["R@1"]])
+        im = ax.imshow(m.numpy(), vmin=0, vmax=100, cmap="viridis")
+        for i in range(T):
+            for k in range(T):
+                if not math.isnan(m[i, k]):
+                    ax.text(k, i, f"{m[i, k]:.0f}", ha="center", va="center",
+                            color="white" if m[i, k] < 60 else "black", fontsize=8)
+        ax.set_xticks(range(T), names, rotation=45, ha="right")
+        ax.set_yticks(range(T), [f"after {n}" for n in names])
+        ax.set_title(f"{d} R@1 (%)")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    _atomic_write(path, lambda p: fig.savefig(p, dpi=110, bbox_inches="tight", format="png"))
+    plt.close(fig)
+
+
+# ========================================================================================
+# Command line
+# ========================================================================================
+
+# Defaults for the two scales. A released CLIP gets the paper's settings (LPI_SPEC §7); the
+# tiny CLIP on the built-in data gets settings that fit in a few CPU minutes.
+PAPER_DEFAULTS = dict(J=9, M=16, epochs=10, batch_size=64, lr=0.05)
+TINY_DEFAULTS = dict(J=4, M=4, epochs=4, batch_size=64, lr=0.05)
+BUILTIN_SIZES = dict(n_train=2000, n_test=300)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lpi.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="LPI (Low-rank Prompt Interaction) for continual image-text retrieval. With no "
+                    "arguments: the whole method on the built-in tasks with a tiny CLIP, on the CPU.")
+    g = p.add_argument_group("data and backbone")
+    g.add_argument("--tasks", default=",".join(BUILTIN_TASKS),
+                   help="comma-separated tasks in training order: built-in names "
+                        f"({', '.join(BUILTIN_TASKS)}), coco, flickr, coco:supercategory (the paper's 12 tasks)")
+    g.add_argument("--data-root", default=None, help="folder with coco/ and flickr30k/ in the Karpathy layout")
+    g.add_argument("--clip", default="tiny", help="tiny (pre-trained here, cached), ViT-B/16, ViT-B/32, "
+                   "ViT-L/14, or the path of a CLIP checkpoint")
+    g.add_argument("--cache-dir", default=os.environ.get("LPI_CACHE", str(Path.home() / ".cache" / "lpi")),
+                   help="where the tiny CLIP is cached (env LPI_CACHE)")
+    g.add_argument("--pretrain-steps", type=int, default=PRETRAIN_DEFAULTS["steps"],
+                   help="steps of contrastive pre-training of the tiny CLIP")
+    g.add_argument("--max-train-per-task", type=int, default=None,
+                   help=f"subsample each task's training images (built-in: {BUILTIN_SIZES['n_train']} generated)")
+    g.add_argument("--max-test-per-task", type=int, default=None,
+                   help=f"subsample each task's test images (built-in: {BUILTIN_SIZES['n_test']} generated)")
+
+    g = p.add_argument_group("method (LPI_SPEC §1-5); each component has one switch")
+    g.add_argument("--method", default="lpi", choices=list(METHODS), help="; ".join(f"{k}: {v}" for k, v in METHODS.items()))
+    g.add_argument("--depth", "-J", dest="J", type=int, default=None,
+                   help=f"prompt depth J (default {PAPER_DEFAULTS['J']}; {TINY_DEFAULTS['J']} with --clip tiny)")
+    g.add_argument("--length", "-M", dest="M", type=int, default=None,
+                   help=f"prompt length M (default {PAPER_DEFAULTS['M']}; {TINY_DEFAULTS['M']} with --clip tiny)")
+    g.add_argument("--rank", "-R", dest="R", type=int, default=LPIConfig.R, help="CP rank R of the prompts")
+    g.add_argument("--full-rank", action="store_true", help="§2 off: full-rank (J, M, D) prompts per task")
+    g.add_argument("--no-interaction", action="store_true", help="§3 off: no cross-modal correlation modules")
+    g.add_argument("--alpha", type=float, default=LPIConfig.alpha, help="§3 mixing weight α")
+    g.add_argument("--interaction-rank", type=int, default=LPIConfig.interaction_rank, help="§3 CP rank R' of the maps")
+    g.add_argument("--no-interaction-ln", action="store_true", help="§3 without the LayerNorm")
+    g.add_argument("--no-hier-prompt", action="store_true", help="§4 off: prompt-level contrastive loss")
+    g.add_argument("--no-hier-factor", action="store_true", help="§4 off: factor-level contrastive loss")
+    g.add_argument("--tau-h", type=float, default=LPIConfig.tau_h, help="§4 temperature")
+    g.add_argument("--lambda-h", type=float, default=LPIConfig.lambda_h, help="§4 loss weight")
+    g.add_argument("--no-task-loss", action="store_true", help="§5 off: task contrastive constraint")
+    g.add_argument("--theta", type=float, default=LPIConfig.theta, help="§5 similarity threshold θ")
+    g.add_argument("--tau-task", type=float, default=LPIConfig.tau_task, help="§5 temperature")
+    g.add_argument("--lambda-task", type=float, default=LPIConfig.lambda_task, help="§5 loss weight")
+    g.add_argument("--routing", default="kmeans", choices=["kmeans", "oracle"],
+                   help="§6 task identity at test time: nearest k-means key, or the true task")
+    g.add_argument("--keys", type=int, default=5, help="§6 k-means keys per task and modality")
+
+    g = p.add_argument_group("training and run")
+    g.add_argument("--epochs", type=int, default=None,
+                   help=f"epochs per task (default {PAPER_DEFAULTS['epochs']}; {TINY_DEFAULTS['epochs']} with --clip tiny)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help=f"default {PAPER_DEFAULTS['batch_size']}; {TINY_DEFAULTS['batch_size']} with --clip tiny")
+    g.add_argument("--lr", type=float, default=None,
+                   help=f"SGD learning rate (default {PAPER_DEFAULTS['lr']}; {TINY_DEFAULTS['lr']} with --clip tiny)")
+    g.add_argument("--weight-decay", type=float, default=2e-4)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    g.add_argument("--workers", type=int, default=2, help="image-loading processes for file data sets")
+    g.add_argument("--out", default="runs/default", help="output folder: results.json, recall_r1.png, checkpoints/")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished task")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Out-of-range flags -> one clear message (argparse already rejects wrong types)."""
+    rules = [("J", args.J is None or args.J >= 0, ">= 0"), ("M", args.M is None or args.M >= 0, ">= 0"),
+             ("R", args.R >= 1, ">= 1"), ("alpha", 0 <= args.alpha <= 1, "in [0, 1]"),
+             ("interaction_rank", args.interaction_rank >= 1, ">= 1"),
+             ("tau_h", args.tau_h > 0, "> 0"), ("tau_task", args.tau_task > 0, "> 0"),
+             ("lambda_h", args.lambda_h >= 0, ">= 0"), ("lambda_task", args.lambda_task >= 0, ">= 0"),
+             ("theta", -1 <= args.theta <= 1, "in [-1, 1]"), ("keys", args.keys >= 1, ">= 1"),
+             ("epochs", args.epochs is None or args.epochs >= 1, ">= 1"),
+             ("batch_size", args.batch_size is None or args.batch_size >= 2, ">= 2 (a contrastive batch needs negatives)"),
+             ("lr", args.lr is None or args.lr > 0, "> 0"), ("weight_decay", args.weight_decay >= 0, ">= 0"),
+             ("workers", args.workers >= 0, ">= 0"), ("pretrain_steps", args.pretrain_steps >= 1, ">= 1"),
+             ("max_train_per_task", args.max_train_per_task is None or args.max_train_per_task >= 2, ">= 2"),
+             ("max_test_per_task", args.max_test_per_task is None or args.max_test_per_task >= 1, ">= 1")]
+    for name, ok, expected in rules:
+        if not ok:
+            flag = "--" + {"J": "depth", "M": "length", "R": "rank"}.get(name, name.replace("_", "-"))
+            raise LPIError(f"{flag}={getattr(args, name)} is out of range: expected {expected}")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())}
+    if not available[name]:
+        raise LPIError(f"--device {name} is not available on this machine (expected one of: "
+                       f"{', '.join(k for k, v in available.items() if v)}, or auto)")
+    return torch.device(name)
+
+
+def load_backbone(args: argparse.Namespace, device: torch.device):
+    """-> (CLIP, preprocess, is_tiny)."""
+    if args.clip == "tiny":
+        model = load_or_build_tiny_clip(args.cache_dir, steps=args.pretrain_steps, progress=args.progress)
+        return model.to(device), clip_model.preprocess_for(model.visual.input_resolution), True
+    model, preprocess = clip_model.load(args.clip, device=device)
+    return model, preprocess, False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+        device = pick_device(args.device)
+        out = Path(args.out)
+        if not args.resume and latest_checkpoint(out) is not None:  # before any expensive work
+            raise LPIError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+        clip, preprocess, tiny = load_backbone(args, device)
+        for k, v in (TINY_DEFAULTS if tiny else PAPER_DEFAULTS).items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+        sizes = dict(BUILTIN_SIZES)
+        if args.max_train_per_task:
+            sizes["n_train"] = args.max_train_per_task
+        if args.max_test_per_task:
+            sizes["n_test"] = args.max_test_per_task
+        tasks = parse_task_specs(args.tasks, args.data_root,
+                                 {n: (lambda n=n: BUILTIN_TASKS[n](seed=0, **sizes)) for n in BUILTIN_TASKS})
+        tasks = [Task(t.name, subsample(t.train, args.max_train_per_task, args.seed),
+                      subsample(t.test, args.max_test_per_task, args.seed)) for t in tasks]
+        config = dict(vars(args))
+        model = make_method(args, clip)
+        run = RunSettings(device=device, preprocess=preprocess, batch_size=args.batch_size, epochs=args.epochs,
+                          lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, workers=args.workers,
+                          keys_k=args.keys, routing=args.routing, progress=args.progress)
+        results = run_continual(model, tasks, run, out, config, resume=args.resume)
+        plot_recall(results, out / "recall_r1.png")
+        print(format_table(results))
+        print(f"wrote {out / 'results.json'} and {out / 'recall_r1.png'}")
+        return 0
+    except (LPIError, clip_model.CLIPLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: every finished task is checkpointed; continue with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
