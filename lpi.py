@@ -291,8 +291,9 @@ class TaskPrompts(nn.Module):
         super().__init__()
         make = LowRankPrompts if cfg.low_rank else FullRankPrompts
         self.prompts = make(cfg.J, cfg.M, D_v, D_t, cfg.R, cfg.factor_std)
+        # §3 couples layers j >= 1 only: with J = 1 there is nothing to couple (and nothing to count)
         self.interaction = (Interaction(cfg.J, D_v, D_t, cfg.interaction_rank, cfg.alpha, cfg.interaction_ln,
-                                        cfg.factor_std) if cfg.interaction else None)
+                                        cfg.factor_std) if cfg.interaction and cfg.J > 1 else None)
 
     def raw(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts before interaction: what the hierarchical loss aligns. 2 x (J, M, D)."""
@@ -645,17 +646,20 @@ def shape_masks(shape: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, r: torc
     pix = torch.arange(IMAGE_SIZE, dtype=torch.float32) + 0.5          # pixel centres
     u = (pix.view(1, 1, -1) - cx.view(-1, 1, 1)) / r.view(-1, 1, 1)     # (N, 1, W), x / r
     v = (pix.view(1, -1, 1) - cy.view(-1, 1, 1)) / r.view(-1, 1, 1)     # (N, H, 1), y / r (down)
-    au, av = u.abs(), v.abs()
-    rr = u ** 2 + v ** 2
-    masks = torch.stack([                                               # (N, 6, H, W), SHAPES order
-        rr <= 1.0,                                                      # circle
-        torch.maximum(au, av) <= 0.8,                                   # square
-        (v <= 0.7) & (au <= (v + 0.95) * 0.62),                         # triangle, apex up
-        (torch.minimum(au, av) <= 0.3) & (torch.maximum(au, av) <= 0.95),  # cross
-        (rr <= 1.0) & (rr >= 0.5 ** 2),                                 # ring
-        au + av <= 1.05,                                                # diamond
-    ], dim=1)
-    return masks[torch.arange(len(shape)), shape]                       # (N, H, W)
+    # Each shape is an inequality in the object's own unit coordinates (u, v); SHAPES order.
+    tests = [
+        lambda u, v: u ** 2 + v ** 2 <= 1.0,                                             # circle
+        lambda u, v: torch.maximum(u.abs(), v.abs()) <= 0.8,                             # square
+        lambda u, v: (v <= 0.7) & (u.abs() <= (v + 0.95) * 0.62),                        # triangle, apex up
+        lambda u, v: (torch.minimum(u.abs(), v.abs()) <= 0.3) & (torch.maximum(u.abs(), v.abs()) <= 0.95),  # cross
+        lambda u, v: ((u ** 2 + v ** 2) <= 1.0) & ((u ** 2 + v ** 2) >= 0.5 ** 2),       # ring
+        lambda u, v: u.abs() + v.abs() <= 1.05,                                          # diamond
+    ]
+    masks = torch.zeros(len(shape), IMAGE_SIZE, IMAGE_SIZE, dtype=torch.bool)
+    for s, inside in enumerate(tests):  # each object is tested against its own shape only
+        idx = (shape == s).nonzero().squeeze(1)
+        masks[idx] = inside(u[idx], v[idx])
+    return masks                                                        # (N, H, W)
 
 
 def layout(scenes: Scenes, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1370,14 +1374,15 @@ def parse_task_specs(spec: str, data_root: str | None,
 #     rank(q) = #{ wrong candidates w : score(q, w) >= best score of a correct candidate }
 #     hit@K(q)  <=>  rank(q) < K
 # A wrong candidate that ties with the best correct one is counted as ranked above it, so
-# a degenerate model (e.g. all scores equal) gets R@K ~ K/N, never 100 %. Other correct
+# a degenerate model (e.g. all scores equal) scores R@K = 0, never 100 %. Other correct
 # candidates (the other captions of the same image) never count against a query.
 # Scores must be finite: a NaN compares False and would silently count as "below".
 # ---------------------------------------------------------------------------------------
 
 # Row-block size of the chunked loops below. Blocks of ~1-2 M booleans (64 x 25,000)
 # stay in cache and are reused by the allocator; on 2 CPU cores they made the counting
-# about 5x faster than blocks of 500+ rows or than one (N_img, N_cap) mask.
+# several times faster than blocks of 500+ rows or one (N_img, N_cap) mask
+# (benchmarks/recall_speed.py).
 CHUNK_ROWS = 64
 
 
@@ -1392,8 +1397,7 @@ def t2i_ranks(sim: Tensor, cap2img: Tensor, cap_queries: Tensor | None = None,
     n_img, n_cap = sim.shape
     dev = sim.device
     cap2img = cap2img.to(dev)
-    all_caps = torch.arange(n_cap, device=dev)
-    queries = all_caps if cap_queries is None else cap_queries.to(dev)
+    queries = torch.arange(n_cap, device=dev) if cap_queries is None else cap_queries.to(dev)
     # Each caption has exactly one correct image, so its correct score is one entry.
     correct = sim[cap2img[queries], queries]                                     # (Q,)
     # Count the images scoring >= the correct one, one block of image rows at a time.
@@ -1442,7 +1446,7 @@ def i2t_ranks(sim: Tensor, cap2img: Tensor, img_queries: Tensor | None = None,
 
 
 def recall_from_ranks(ranks: Tensor, ks=(1, 5, 10)) -> dict:
-    """{"R@K": percentage of queries with rank < K} for each K."""
+    """{"R@K": percentage of queries with rank < K} for each K (NaN with no queries)."""
     if len(ranks) == 0:
         return {f"R@{k}": float("nan") for k in ks}
     return {f"R@{k}": 100.0 * (ranks < k).double().mean().item() for k in ks}
