@@ -27,6 +27,7 @@ import os
 import random
 import sys
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -319,7 +320,7 @@ class LPI(nn.Module):
         self.D_v, self.D_t = clip.visual.transformer.width, clip.transformer.width
         depth = min(clip.visual.transformer.layers, clip.transformer.layers)
         if not 0 <= cfg.J <= depth:
-            raise LPIError(f"prompt depth J={cfg.J} is out of range: this CLIP has {depth} layers per encoder "
+            raise LPIError(f"prompt depth J={cfg.J} (--depth) is out of range: this CLIP has {depth} layers per encoder "
                            f"(expected 0 <= J <= {depth})")
         self.task_prompts = nn.ModuleList()
 
@@ -492,8 +493,11 @@ def kmeans(x: Tensor, k: int, iters: int = 50, seed: int = 0) -> Tensor:
         if assign is not None and torch.equal(new_assign, assign):
             break
         assign = new_assign
-        sums = torch.zeros_like(centroids).index_add_(0, assign, x)            # (k, D)
-        counts = torch.bincount(assign, minlength=k)                           # (k,)
+        # Per-cluster sums as a matmul with the one-hot assignment matrix (much faster on
+        # CPU than index_add_ for small N, which pays a thread-pool start per call).
+        one_hot = F.one_hot(assign, k).to(x.dtype)                             # (N, k)
+        sums = one_hot.T @ x                                                   # (k, D)
+        counts = one_hot.sum(0)                                                # (k,)
         empty = (counts == 0).nonzero().flatten()
         if len(empty) > 0:
             # Re-seed the empty clusters with the worst-served points, one each.
@@ -806,10 +810,23 @@ DOMAINS = {d.name: d for d in (
 )}
 
 
+@contextmanager
+def _one_thread():
+    """Drawing is many small element-wise ops; on a busy 2-core machine the thread pool's
+    synchronisation costs far more than the work (measured: 25x slower), so draw on one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def render(domain: Domain, scenes: Scenes, g: torch.Generator) -> ImageCaptionSet:
     """Scenes -> uint8 images in the domain's visual style and one caption each in its verbal style."""
-    img = domain.paint(scenes, g)
-    images = (img.clamp(0, 1) * 255).round().to(torch.uint8)
+    with _one_thread():
+        img = domain.paint(scenes, g)
+        images = (img.clamp(0, 1) * 255).round().to(torch.uint8)
     return ImageCaptionSet(images=images, captions=[[c] for c in domain.caption(scenes)])
 
 
@@ -1735,6 +1752,8 @@ def run_continual(model: LPI, tasks: list[Task], run: RunSettings, out: Path, co
         for k in range(t + 1):
             if frozen_test[k] is None:
                 frozen_test[k] = encode_set(model, tasks[k].test, run)  # no task ids: plain CLIP
+                if k == t:  # counted once, when task k is first evaluated (also across --resume)
+                    skipped += int((~frozen_test[k][3]).sum())
         recall, routing = evaluate(model, tasks[: t + 1], frozen_test[: t + 1], router, run)
         for d in recall:
             for K, values in recall[d].items():
@@ -1793,6 +1812,8 @@ def format_table(results: dict) -> str:
     if results["routing_accuracy"]:
         r = results["routing_accuracy"][-1]
         lines.append(f"routing accuracy after the last task: images {r['image']:.1f}%, captions {r['text']:.1f}%")
+    if results.get("skipped_images"):
+        lines.append(f"skipped {results['skipped_images']} unreadable image(s) (missing or corrupt files)")
     p = results["trainable_params_per_task"]
     lines.append(f"trainable parameters per task: {p['total']:,} (prompts {p['prompts']:,}, "
                  f"interaction {p['interaction']:,}); wall time {results['wall_time_s']:.0f} s")
