@@ -63,7 +63,10 @@ def _clean(text: str) -> str:
 
 class Tokenizer:
     """CLIP's byte-level BPE with 49,408 tokens: 256 bytes x 2 (with / without end-of-word),
-    48,894 merges, and the two special tokens <|startoftext|>, <|endoftext|>."""
+    48,894 merges, and the two special tokens <|startoftext|>, <|endoftext|>.
+
+    As in OpenAI's tokenizer, the literal text "<|endoftext|>" inside a caption becomes the
+    special token (open_clip splits it into ordinary pieces); no real caption contains it."""
 
     # Words, single digits, contractions and runs of other symbols are BPE'd separately.
     PATTERN = re.compile(
@@ -434,9 +437,15 @@ def build_model(state_dict: dict) -> CLIP:
         transformer_width=sd["ln_final.weight"].shape[0],
         transformer_layers=_count_layers(sd, "transformer.resblocks"),
     )
-    model = CLIP(cfg)
+    # Built on the meta device (no memory, no random init: the weights are about to be
+    # replaced), then fp32 copies of the checkpoint's tensors become the parameters. The
+    # copy keeps the model from sharing storage with the caller's state dict; fp16
+    # releases become fp32 (autocast gives the speed back on a GPU).
+    sd = {k: v.to(torch.float32, copy=True) if v.is_floating_point() else v for k, v in sd.items()}
+    with torch.device("meta"):
+        model = CLIP(cfg)
     try:
-        model.load_state_dict(sd, strict=True)  # copies into fp32 parameters, whatever the file's dtype
+        model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
         raise CLIPLoadError(f"the state dict does not fit a CLIP of the sizes it implies ({cfg}): {e}") from None
     return model.eval()
