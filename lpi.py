@@ -414,12 +414,17 @@ def count_parameters(cfg: LPIConfig, D_v: int, D_t: int) -> dict[str, int]:
     return {"prompts": prompts, "interaction": inter, "total": prompts + inter}
 
 
+# ========================================================================================
+# Baselines: the methods of the paper's comparison, with LPI's interface
+# ========================================================================================
+
 # The methods of the paper's comparison (LPI_SPEC "Baselines"), as settings of one model.
 METHODS = {
     "lpi": "LPI: low-rank decomposed prompts, interaction, hierarchical and task losses, k-means routing",
     "zeroshot": "frozen CLIP, no prompts",
     "seqft": "one shared prompt set (LPI's shape) trained through all tasks in order, no routing",
     "sprompts": "S-Prompts: full-rank per-task prompts, k-means routing, no decomposition, interaction or extra loss",
+    "joint": "one prompt set (LPI's shape) trained on all tasks' data at once: the upper bound",
 }
 
 
@@ -434,7 +439,9 @@ def make_method(args, clip: clip_model.CLIP) -> LPI:
         cfg.J = 0
     elif args.method == "sprompts":
         cfg.low_rank = cfg.interaction = cfg.hier_prompt = cfg.hier_factor = cfg.task_loss = False
-    return LPI(clip, cfg, shared=args.method == "seqft")
+    if args.method in ("seqft", "joint"):
+        cfg.task_loss = False  # one prompt set: no other task's prompts to contrast with
+    return LPI(clip, cfg, shared=args.method in ("seqft", "joint"))
 
 
 # ========================================================================================
@@ -1511,6 +1518,14 @@ def image_batches(data: ImageCaptionSet, order: list[int], batch_size: int, prep
         s += len(x)
 
 
+def union(sets: list[ImageCaptionSet]) -> ImageCaptionSet:
+    """All pairs of several sets in one (for joint training)."""
+    caps = [c for s in sets for c in s.captions]
+    if all(isinstance(s.images, torch.Tensor) for s in sets):
+        return ImageCaptionSet(torch.cat([s.images for s in sets]), caps)
+    return ImageCaptionSet([p for s in sets for p in s.images], caps)
+
+
 def autocast(device: torch.device):
     """bf16 mixed precision on CUDA; plain fp32 elsewhere (CPU bf16 matmuls are slow)."""
     if device.type == "cuda":
@@ -1606,15 +1621,18 @@ class RunSettings:
     keys_k: int = 5
     routing: str = "kmeans"
     progress: bool = True
+    joint: bool = False   # train once on all tasks' data (the joint upper bound)
 
 
 def forgetting(matrix: list[list[float | None]], t: int) -> float:
     """Average forgetting after step t: for each task k < t, the best recall it had after
     an earlier step minus its recall now, averaged over k (LPI_SPEC §7)."""
-    if t < 1:
-        return 0.0
-    drops = [max(matrix[s][k] for s in range(k, t)) - matrix[t][k] for k in range(t)]
-    return sum(drops) / len(drops)
+    drops = []
+    for k in range(t):
+        earlier = [matrix[s][k] for s in range(k, t) if matrix[s][k] is not None]
+        if earlier and matrix[t][k] is not None:  # rows a method never filled (joint) do not count
+            drops.append(max(earlier) - matrix[t][k])
+    return sum(drops) / len(drops) if drops else 0.0
 
 
 def row_summary(row: dict) -> dict:
@@ -1723,9 +1741,9 @@ def run_continual(model: LPI, tasks: list[Task], run: RunSettings, out: Path, co
             raise LPIError(f"--resume: {ckpt_path} was made with other settings ({', '.join(differ)}); "
                            f"expected the same as the interrupted run")
         start = ckpt["done"]
-        for _ in range(start if not model.shared else min(start, 1)):
+        for _ in range(start):
             model.add_task()
-        model.task_prompts.load_state_dict(ckpt["task_prompts"])
+        model.load_state_dict(ckpt["learned"], strict=False)  # everything but the frozen CLIP
         router.load_state_dict(ckpt["router"])
         cent_img, cent_txt = list(ckpt["centroids_img"]), list(ckpt["centroids_txt"])
         results = ckpt["results"]
@@ -1748,7 +1766,15 @@ def run_continual(model: LPI, tasks: list[Task], run: RunSettings, out: Path, co
         cent_img.append(F.normalize(f_img[ok], dim=-1).mean(0))
         cent_txt.append(F.normalize(f_cap, dim=-1).mean(0))
         similarity = task_similarity(torch.stack(cent_img), torch.stack(cent_txt))
-        train_task(model, idx, task.train, run, similarity)
+        if run.joint:
+            # The upper bound: no training until every task's data is there, then one
+            # shared prompt set on the union of all training sets; one evaluation.
+            if t < T - 1:
+                results["routing_accuracy"].append(None)  # nothing evaluated at this step
+                continue
+            train_task(model, idx, union([tk.train for tk in tasks]), run, None)
+        else:
+            train_task(model, idx, task.train, run, similarity)
         for k in range(t + 1):
             if frozen_test[k] is None:
                 frozen_test[k] = encode_set(model, tasks[k].test, run)  # no task ids: plain CLIP
@@ -1763,7 +1789,8 @@ def run_continual(model: LPI, tasks: list[Task], run: RunSettings, out: Path, co
         skipped = 0
         results["wall_time_s"] = time.time() - t0
         results["summary"] = summarize(results["recall"], t)
-        state = {"config": config, "done": t + 1, "task_prompts": model.task_prompts.state_dict(),
+        learned = {k: v for k, v in model.state_dict().items() if not k.startswith("clip.")}
+        state = {"config": config, "done": t + 1, "learned": learned,
                  "router": router.state_dict(), "centroids_img": torch.stack(cent_img),
                  "centroids_txt": torch.stack(cent_txt), "results": results}
         _atomic_write(out / "checkpoints" / f"task_{t + 1:02d}.pt", lambda p: torch.save(state, p))
@@ -1987,7 +2014,8 @@ def main(argv: list[str] | None = None) -> int:
         model = make_method(args, clip)
         run = RunSettings(device=device, preprocess=preprocess, batch_size=args.batch_size, epochs=args.epochs,
                           lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, workers=args.workers,
-                          keys_k=args.keys, routing=args.routing, progress=args.progress)
+                          keys_k=args.keys, routing=args.routing, progress=args.progress,
+                          joint=args.method == "joint")
         results = run_continual(model, tasks, run, out, config, resume=args.resume)
         plot_recall(results, out / "recall_r1.png")
         print(format_table(results))
