@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import lpi
 from fixtures import make_coco_fixture, make_flickr_fixture
@@ -204,3 +205,24 @@ def test_bad_input_leaves_existing_run_untouched(tmp_path, cache_dir):
     _bad([*args, "--out", str(out), "--resume", "--alpha", "0.3"], cache_dir, "alpha")
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert before == after
+
+
+def test_export_tiny_clip_reproduces_the_cached_backbone(tmp_path, cache_dir, capsys):
+    """`--export-tiny-clip PATH` (the command that made the shipped tiny_clip.pt.xz, here at 3
+    steps) writes the same weights load_or_build_tiny_clip gives for those settings."""
+    path = tmp_path / "tiny.pt.xz"
+    assert lpi.main(["--export-tiny-clip", str(path), "--pretrain-steps", "3", "--cache-dir", str(cache_dir),
+                     "--no-progress"]) == 0
+    key, exported = lpi.read_tiny_clip(path)
+    cached = lpi.load_or_build_tiny_clip(cache_dir, steps=3, progress=False)
+    assert '"steps": 3' in key
+    for (k, a), (_, b) in zip(exported.state_dict().items(), cached.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_shipped_tiny_clip_matches_the_default_settings():
+    """The shipped backbone was built with today's defaults, so `python lpi.py` never pre-trains."""
+    _, key = lpi._settings_key(lpi.PRETRAIN_DEFAULTS["steps"], 0, lpi.PRETRAIN_DEFAULTS["batch_size"], {})
+    shipped_key, model = lpi.read_tiny_clip(lpi.SHIPPED_TINY_CLIP)
+    assert shipped_key == key, "tiny_clip.pt.xz is stale: rebuild it with python lpi.py --export-tiny-clip tiny_clip.pt.xz"
+    assert model.cfg == lpi.clip_model.TINY
