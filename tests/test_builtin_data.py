@@ -154,7 +154,7 @@ def test_normalize_images_uses_clip_statistics():
 def test_pretrain_cache_roundtrip(tmp_path, monkeypatch):
     model = load_or_build_tiny_clip(tmp_path, steps=2, batch_size=8, seed=0, progress=False)
     files = list(tmp_path.iterdir())
-    assert len(files) == 1 and files[0].name.startswith("tiny_clip_") and files[0].suffix == ".pt"
+    assert len(files) == 1 and files[0].name.startswith("tiny_clip_") and files[0].name.endswith(".pt.xz")
 
     home = sys.modules[load_or_build_tiny_clip.__module__]  # a second call must load, not train
     monkeypatch.setattr(home, "pretrain_tiny_clip", lambda *a, **k: pytest.fail("trained again"))

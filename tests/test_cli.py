@@ -94,7 +94,7 @@ def _results_numbers(path: Path) -> dict:
 def test_kill_during_task_2_then_resume_equals_uninterrupted(tmp_path, cache_dir):
     """Kill -9 the run during task 2 of 3, then --resume: the same results.json numbers as one
     uninterrupted run with the same seed."""
-    args = ["--tasks", "night,negative,fog", "--max-train-per-task", "96", "--max-test-per-task", "48",
+    args = ["--tasks", "night,sunset,fog", "--max-train-per-task", "96", "--max-test-per-task", "48",
             "--epochs", "3", *QUICK[:2], *QUICK[4:]]
     full = tmp_path / "full"
     p = run_cli([*args, "--out", str(full)], cache_dir)
