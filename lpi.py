@@ -2002,7 +2002,7 @@ def run_continual(model: LPI, tasks: list[Task], run: RunSettings, out: Path, co
     nan_matrix = lambda: [[None] * T for _ in range(T)]  # noqa: E731
     results = {"config": config, "tasks": [t.name for t in tasks],
                "recall": {d: {f"R@{K}": nan_matrix() for K in (1, 5, 10)} for d in ("i2t", "t2i")},
-               "routing_accuracy": [], "trainable_params_per_task": count_parameters(model.cfg, model.D_v, model.D_t),
+               "routing_accuracy": [], "trainable_params_per_task": model_parameters(model, T),
                "skipped_images": 0, "wall_time_s": 0.0}
     start = 0
     ckpt_path = latest_checkpoint(out)

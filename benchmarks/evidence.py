@@ -1,0 +1,302 @@
+"""The evidence table: every method, every single-component ablation of LPI, and the rank
+and depth sweeps, on the built-in tasks over several seeds, each row through `lpi.main`.
+
+Writes <out-dir>/evidence.md (mean ± std over seeds) and <out-dir>/evidence.json (every run's
+numbers behind it), then appends the parameter table at ViT-B/16 scale (LPI vs S-Prompts vs
+L2P, per task and after 12 tasks) from lpi.method_parameters. Rows that resolve to the same
+settings (R=4 and J=4 are LPI's defaults on the tiny CLIP) share their runs. Each run has
+its own folder under --work-dir; a finished run is reused and an interrupted one resumed,
+so an interrupted table continues where it stopped.
+Usage:  python benchmarks/evidence.py [--seeds 3] [--quick] [--max-train-per-task N] ...
+"""
+import argparse
+import concurrent.futures
+import contextlib
+import copy
+import hashlib
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Default size: the whole table (18 distinct settings x 3 seeds = 54 runs) within 30 minutes
+# on 2 CPU cores. Measured (one torch thread, tiny CLIP, lpi.py's tiny defaults J=M=R=4, batch
+# 64): ~42 CPU-s per training run, ~49 for L2P (two image passes), ~10 for zero-shot, i.e.
+# ~37 CPU-min for the table: ~19 min as 2 parallel runs, plus the tiny CLIP's pre-training
+# if it is not cached yet. --quick: a smoke test of the script (< 1 min).
+DEFAULT_SIZE = dict(max_train_per_task=400, max_test_per_task=150)
+QUICK_SIZE = dict(max_train_per_task=32, max_test_per_task=16, epochs=1, batch_size=16, tasks="night,fog")
+
+METRICS = ("i2t_R@1", "t2i_R@1", "mean_recall", "i2t_forgetting_R@1", "t2i_forgetting_R@1",
+           "routing_image", "routing_text", "wall_time_s")
+ROUTED = ("lpi", "sprompts")  # the methods whose routing accuracy means something
+
+
+def table_rows(depth: int, quick: bool) -> list[tuple[str, str, list[str]]]:
+    """(group, label, lpi.py flags) for every row of the table."""
+    rows = [("method", m, ["--method", m]) for m in ("zeroshot", "seqft", "sprompts", "l2p", "joint", "lpi")]
+    rows += [("LPI ablation", flag.lstrip("-"), ["--method", "lpi", *flag.split()])
+             for flag in ("--full-rank", "--no-interaction", "--no-hier-prompt", "--no-hier-factor", "--no-task-loss",
+                          "--routing oracle")]
+    rows += [("LPI rank", f"R={r}", ["--method", "lpi", "-R", str(r)]) for r in (1, 2, 4, 8, 16)]
+    rows += [("LPI depth", f"J={j}", ["--method", "lpi", "-J", str(j)]) for j in (1, 2, 4)]
+    rows += [("LPI depth", f"J=all ({depth})", ["--method", "lpi", "-J", str(depth)])]
+    if quick:  # a method without training, one with a pool, LPI, and a row sharing LPI's runs
+        rows = [r for r in rows if r[1] in ("zeroshot", "l2p", "lpi", "R=4")]
+    return rows
+
+
+def resolved_settings(lpi, flags: list[str]) -> str:
+    """Everything a run's results depend on, with the tiny-scale defaults filled in: rows
+    with equal settings are the same experiment."""
+    args = vars(lpi.build_parser().parse_args(flags))
+    for k, v in lpi.TINY_DEFAULTS.items():
+        if args[k] is None:
+            args[k] = v
+    for k in ("out", "seed", "progress", "resume", "workers", "device", "cache_dir"):
+        args.pop(k, None)
+    return json.dumps(args, sort_keys=True)
+
+
+def run_metrics(res: dict) -> dict:
+    s, r = res["summary"], res["routing_accuracy"][-1]
+    out = {k: s[k] for k in METRICS[:5]}
+    out.update(routing_image=r["image"], routing_text=r["text"], wall_time_s=res["wall_time_s"])
+    return out
+
+
+def run_one(lpi, flags: list[str], out: Path) -> dict:
+    """One lpi.main run in this process (stdout/stderr to out.log); reuse or resume a
+    previous one in `out`."""
+    res_path = out / "results.json"
+    if res_path.is_file():
+        res = json.loads(res_path.read_text())
+        if "zeroshot" in res:  # written only at the end of a finished run
+            return res
+    resume = ["--resume"] if lpi.latest_checkpoint(out) is not None else []
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".log"), "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        rc = lpi.main([*flags, "--out", str(out), *resume])
+    if rc != 0:
+        raise SystemExit(f"lpi.py {' '.join(flags)} failed (exit {rc}); see {out.with_suffix('.log')}")
+    return json.loads(res_path.read_text())
+
+
+def load_backbone_once(lpi) -> None:
+    """lpi.main reads (and decompresses) the tiny CLIP on every run, ~2-3 CPU-s: keep one
+    copy per process and hand each run a fresh deep copy of it (the weights are frozen)."""
+    if getattr(lpi.load_or_build_tiny_clip, "memo", None) is not None:
+        return
+    load, memo = lpi.load_or_build_tiny_clip, {}
+
+    def load_once(cache_dir, steps=lpi.PRETRAIN_DEFAULTS["steps"], **kwargs):
+        key = (str(cache_dir), steps, repr(sorted((k, v) for k, v in kwargs.items() if k != "progress")))
+        if key not in memo:
+            memo[key] = load(cache_dir, steps, **kwargs)
+        return copy.deepcopy(memo[key])
+    load_once.memo = memo
+    lpi.load_or_build_tiny_clip = load_once
+
+
+def job(spec: tuple[list[str], str, int | None]) -> tuple:
+    """One run (in this process or a pool worker): (flags, out, results, wall s, cpu s)."""
+    import torch
+    import lpi
+
+    load_backbone_once(lpi)
+    flags, out, threads = spec
+    if threads:
+        torch.set_num_threads(threads)
+    t0, c0 = time.time(), time.process_time()
+    res = run_one(lpi, flags, Path(out))
+    return flags, out, res, time.time() - t0, time.process_time() - c0
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def cell(mean: float, std: float) -> str:
+    return f"{mean:.1f} ± {std:.1f}"
+
+
+def parameter_table(lpi, tasks: int = 12) -> tuple[list[dict], str]:
+    """LPI vs S-Prompts vs L2P at ViT-B/16 scale (D_v=768, D_t=512, E=512, J=9, M=16, R=4)."""
+    cfg = lpi.LPIConfig(J=9, M=16, R=4)
+    rows = []
+    for m, name in (("lpi", "LPI"), ("sprompts", "S-Prompts"), ("l2p", "L2P")):
+        p = lpi.method_parameters(m, cfg, 768, 512, 512, tasks=tasks)
+        rows.append(dict(method=name, **p))
+    sp = rows[1]
+    lines = [f"## Trainable parameters at ViT-B/16 scale (D_v=768, D_t=512, E=512, J=9, M=16, R=4, "
+             f"R'=4; L2P: N={lpi.L2PConfig.pool_size}, top-k={lpi.L2PConfig.top_k}, "
+             f"M_p={max(1, 16 // lpi.L2PConfig.top_k)})", "",
+             "Counted by `lpi.method_parameters` on the real modules. *Per task*: trained at each task "
+             "(L2P trains its whole pool, keys and text prompts at every task). *After T tasks*: stored "
+             "(per-task sets for LPI and S-Prompts, one pool for L2P). The k-means routing keys "
+             "(not trained: 2 x 5 x 512 = 5,120 per task for LPI and S-Prompts) are not counted.", "",
+             f"| method | prompts | interaction | keys | per task | after {tasks} tasks | after {tasks} vs S-Prompts |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['prompts']:,} | {r['interaction']:,} | {r['keys']:,} | {r['total']:,} | "
+                     f"{r['after_tasks']:,} | {100 * r['after_tasks'] / sp['after_tasks']:.1f}% |")
+    return rows, "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one seed, a few rows: a smoke test of the script")
+    p.add_argument("--seeds", type=int, default=None, help="seeds 0..n-1 (default 3; 1 with --quick)")
+    p.add_argument("--max-train-per-task", type=int, default=None,
+                   help=f"training images per task (default {DEFAULT_SIZE['max_train_per_task']})")
+    p.add_argument("--max-test-per-task", type=int, default=None,
+                   help=f"test images per task (default {DEFAULT_SIZE['max_test_per_task']})")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per task (default: lpi.py's for the tiny CLIP)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: lpi.py's for the tiny CLIP")
+    p.add_argument("--tasks", default=None, help="built-in tasks (default: all of them, lpi.py's default)")
+    p.add_argument("--pretrain-steps", type=int, default=None, help="tiny CLIP pre-training (default: lpi.py's)")
+    p.add_argument("--cache-dir", default=os.environ.get("LPI_CACHE", str(Path.home() / ".cache" / "lpi")))
+    p.add_argument("--out-dir", default=None,
+                   help="where evidence.md / .json go (default benchmarks/results; runs/evidence_quick with --quick)")
+    p.add_argument("--work-dir", default=None, help="one folder per run (default runs/evidence[_quick])")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs in parallel, each in its own process with one torch thread (default: 2, as many as "
+                        "the 2 cores the default size is made for; 1 with --quick)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per run (default: 1 with --jobs > 1, else torch's own choice)")
+    p.add_argument("--rows", default=None, help="only rows whose label contains one of these comma-separated words")
+    a = p.parse_args(argv)
+
+    import torch
+    import lpi
+    import clip_model
+
+    n_jobs = a.jobs or (1 if a.quick else 2)
+    threads = a.threads or (1 if n_jobs > 1 else None)
+    if threads:
+        torch.set_num_threads(threads)
+    size = dict(QUICK_SIZE if a.quick else DEFAULT_SIZE)
+    for k in ("max_train_per_task", "max_test_per_task", "epochs", "batch_size", "tasks", "pretrain_steps"):
+        if getattr(a, k) is not None:
+            size[k] = getattr(a, k)
+    size.setdefault("pretrain_steps", lpi.PRETRAIN_DEFAULTS["steps"])
+    seeds = list(range(a.seeds if a.seeds is not None else (1 if a.quick else 3)))
+    out_dir = Path(a.out_dir or (ROOT / ("runs/evidence_quick" if a.quick else "benchmarks/results")))
+    work = Path(a.work_dir or (ROOT / ("runs/evidence_quick" if a.quick else "runs/evidence")))
+    fixed = ["--cache-dir", a.cache_dir, "--no-progress", "--workers", "0",
+             "--pretrain-steps", str(size["pretrain_steps"])]
+    for k in ("max_train_per_task", "max_test_per_task", "epochs", "batch_size", "tasks"):
+        if k in size:
+            fixed += ["--" + k.replace("_", "-"), str(size[k])]
+
+    t_start = time.time()
+    print(f"tiny CLIP ({size['pretrain_steps']} pre-training steps) from {a.cache_dir} ...", flush=True)
+    lpi.load_or_build_tiny_clip(a.cache_dir, steps=size["pretrain_steps"], progress=True)  # once, before the runs
+    depth = min(clip_model.TINY.vision_layers, clip_model.TINY.transformer_layers)
+    rows = table_rows(depth, a.quick)
+    if a.rows:
+        words = a.rows.split(",")
+        rows = [r for r in rows if any(w in r[1] for w in words)]
+
+    # distinct settings -> the runs that serve every row with those settings
+    slug_of, distinct = {}, []
+    for group, label, flags in rows:
+        key = resolved_settings(lpi, [*flags, *fixed])
+        if key not in slug_of:
+            # the folder names the settings: other sizes or defaults never reuse a stale run
+            name = "".join(c for c in label.replace(" ", "_") if c.isalnum() or c in "_-")
+            slug_of[key] = f"{name}_{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+            distinct.append((key, flags))
+    todo = [(key, flags, s) for key, flags in distinct for s in seeds]
+    print(f"{len(rows)} rows, {len(distinct)} distinct settings x {len(seeds)} seed(s) = {len(todo)} runs; "
+          f"sizes {size}; {n_jobs} parallel job(s), torch threads {threads or torch.get_num_threads()} each",
+          flush=True)
+    runs: dict[str, list[dict]] = {}
+    t_runs = time.time()
+    jobs = [([*flags, *fixed, "--seed", str(s)], str(work / slug_of[key] / f"seed{s}"), threads)
+            for key, flags, s in todo]
+    if n_jobs == 1:
+        done = (job(j) for j in jobs)
+    else:  # separate processes (spawned: a clean torch each), one torch thread apiece
+        pool = concurrent.futures.ProcessPoolExecutor(n_jobs, mp_context=multiprocessing.get_context("spawn"))
+        done = (f.result() for f in concurrent.futures.as_completed([pool.submit(job, j) for j in jobs]))
+    for i, (flags, out, res, wall, cpu) in enumerate(done, 1):
+        key = resolved_settings(lpi, flags)
+        runs.setdefault(key, []).append(dict(seed=int(flags[-1]), run_time_s=wall, cpu_time_s=cpu,
+                                             trainable_params=res["trainable_params_per_task"], **run_metrics(res)))
+        elapsed = time.time() - t_runs
+        eta = elapsed / i * (len(todo) - i)
+        print(f"[{i}/{len(todo)}] {Path(out).parent.name} seed {flags[-1]}: {wall:.0f}s (cpu {cpu:.0f}s) "
+              f"(elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min)", flush=True)
+    if n_jobs > 1:
+        pool.shutdown()
+    for rs in runs.values():
+        rs.sort(key=lambda r: r["seed"])
+
+    # the table
+    out_rows = []
+    for group, label, flags in rows:
+        key = resolved_settings(lpi, [*flags, *fixed])
+        rs = runs[key]
+        method = flags[1]
+        stats = {m: mean_std([r[m] for r in rs]) for m in METRICS}
+        shared_with = next(lb for _, lb, f in rows if resolved_settings(lpi, [*f, *fixed]) == key)
+        out_rows.append(dict(group=group, label=label, flags=" ".join(flags), method=method,
+                             same_runs_as=None if shared_with == label else shared_with,
+                             routed=method in ROUTED, trainable_params=rs[0]["trainable_params"],
+                             mean={m: v[0] for m, v in stats.items()}, std={m: v[1] for m, v in stats.items()},
+                             runs=rs))
+    T = len(size.get("tasks", ",".join(lpi.BUILTIN_TASKS)).split(","))
+    lines = ["# Evidence: methods, ablations and sweeps on the built-in tasks", "",
+             f"Tiny CLIP ({size['pretrain_steps']} pre-training steps), built-in tasks "
+             f"{size.get('tasks', ','.join(lpi.BUILTIN_TASKS))} ({T} tasks), {size['max_train_per_task']} training / "
+             f"{size['max_test_per_task']} test images per task, "
+             f"{size.get('epochs', lpi.TINY_DEFAULTS['epochs'])} epoch(s) per task, "
+             f"batch {size.get('batch_size', lpi.TINY_DEFAULTS['batch_size'])}, other settings lpi.py's defaults "
+             f"(J={lpi.TINY_DEFAULTS['J']}, M={lpi.TINY_DEFAULTS['M']}, R={lpi.LPIConfig.R}, "
+             f"lr {lpi.TINY_DEFAULTS['lr']}). "
+             f"Mean ± std over seeds {seeds} (training order, subsampling and initialisation; the data and the "
+             f"backbone are fixed). Made by `python benchmarks/evidence.py{' --quick' if a.quick else ''}` on "
+             f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), {n_jobs} parallel run(s) of "
+             f"{torch.get_num_threads()} torch thread(s), in "
+             f"{(time.time() - t_start) / 60:.1f} min.", "",
+             "R@1: final average over tasks, pool = all tasks' test items. Forgetting: of R@1, averaged over "
+             "tasks 1..T-1. Routing: accuracy of the k-means task routing (mean of images and captions) after "
+             "the last task, only for the methods that route. Params: trainable per task (L2P: its whole pool, "
+             "trained at every task). Wall time: the continual loop's, per run.", "",
+             "| group | row | i2t R@1 | t2i R@1 | mean recall | forgetting i2t | forgetting t2i | routing | "
+             "params / task | wall time (s) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in out_rows:
+        routing = "—"
+        if r["routed"]:
+            routing = cell(*mean_std([(x["routing_image"] + x["routing_text"]) / 2 for x in r["runs"]]))
+        label = r["label"] + (f" (= {r['same_runs_as']})" if r["same_runs_as"] else "")
+        cells = [cell(r["mean"][m], r["std"][m]) for m in METRICS[:5]]
+        cells += [routing, f"{r['trainable_params']['total']:,}",
+                  cell(r["mean"]["wall_time_s"], r["std"]["wall_time_s"])]
+        lines.append(f"| {r['group']} | {label} | " + " | ".join(cells) + " |")
+    params, ptable = parameter_table(lpi)
+    md = "\n".join(lines) + "\n\n" + ptable + "\n"
+    total = time.time() - t_start
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "evidence.md").write_text(md)
+    (out_dir / "evidence.json").write_text(json.dumps(dict(
+        settings=dict(size, seeds=seeds, quick=a.quick, jobs=n_jobs, torch_threads=torch.get_num_threads(),
+                      machine=platform.platform(), lpi_flags=fixed),
+        rows=out_rows, parameters_vitb16=params, total_time_s=total), indent=2))
+    print(md)
+    print(f"wrote {out_dir / 'evidence.md'} and {out_dir / 'evidence.json'} in {total / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
