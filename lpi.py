@@ -28,6 +28,7 @@ import random
 import sys
 from collections import Counter, defaultdict
 from contextlib import contextmanager
+from functools import lru_cache
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -1189,11 +1190,19 @@ def write_tiny_clip(model: clip_model.CLIP, key: str, path: Path) -> None:
 
 
 def read_tiny_clip(path: Path) -> tuple[str, clip_model.CLIP]:
+    """(settings key, a fresh model) from a file written by write_tiny_clip."""
+    p = Path(path).resolve()
+    blob = _decoded_tiny_clip(str(p), p.stat().st_mtime_ns)
+    return blob["key"], clip_model.build_model(blob["state_dict"])  # build_model copies: callers never share
+
+
+@lru_cache(maxsize=4)
+def _decoded_tiny_clip(path: str, mtime_ns: int) -> dict:
+    """Decompressing costs ~2 s: done once per file version and process (tests, notebooks)."""
     import io
     import lzma
 
-    blob = torch.load(io.BytesIO(lzma.decompress(Path(path).read_bytes())), map_location="cpu", weights_only=True)
-    return blob["key"], clip_model.build_model(blob["state_dict"])
+    return torch.load(io.BytesIO(lzma.decompress(Path(path).read_bytes())), map_location="cpu", weights_only=True)
 
 
 def load_or_build_tiny_clip(cache_dir: str | Path, steps: int = PRETRAIN_DEFAULTS["steps"], seed: int = 0,
@@ -2115,8 +2124,9 @@ def format_table(results: dict) -> str:
     if results.get("skipped_images"):
         lines.append(f"skipped {results['skipped_images']} unreadable image(s) (missing or corrupt files)")
     p = results["trainable_params_per_task"]
+    keys = f", keys {p['keys']:,}" if p.get("keys") else ""
     lines.append(f"trainable parameters per task: {p['total']:,} (prompts {p['prompts']:,}, "
-                 f"interaction {p['interaction']:,}); wall time {results['wall_time_s']:.0f} s")
+                 f"interaction {p['interaction']:,}{keys}); wall time {results['wall_time_s']:.0f} s")
     return "\n".join(lines)
 
 

@@ -27,10 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # Default size: the whole table (18 distinct settings x 3 seeds = 54 runs) within 30 minutes
-# on 2 CPU cores. Measured (one torch thread, tiny CLIP, lpi.py's tiny defaults J=M=R=4, batch
-# 64): ~42 CPU-s per training run, ~49 for L2P (two image passes), ~10 for zero-shot, i.e.
-# ~37 CPU-min for the table: ~19 min as 2 parallel runs, plus the tiny CLIP's pre-training
-# if it is not cached yet. --quick: a smoke test of the script (< 1 min).
+# on 2 CPU cores, at lpi.py's tiny defaults (J=M=R=4, 8 epochs, batch 64). Measured with one
+# torch thread at 500 training images per task: ~55 CPU-s per training run, ~60 for L2P (two
+# image passes), ~5 for zero-shot; at 400: ~45 CPU-s, i.e. ~39 CPU-min for the table, ~20 min
+# as 2 parallel runs on idle cores. --quick: a smoke test of the script (< 1 min).
 DEFAULT_SIZE = dict(max_train_per_task=400, max_test_per_task=150)
 QUICK_SIZE = dict(max_train_per_task=32, max_test_per_task=16, epochs=1, batch_size=16, tasks="night,fog")
 
