@@ -1838,7 +1838,10 @@ def encode_set(model: LPI, data: ImageCaptionSet, run: "RunSettings", img_task=N
     cap2img = torch.tensor([i for i, caps in enumerate(data.captions) for _ in caps], dtype=torch.long)
     cap_feats = []
     for s in range(0, len(captions), run.batch_size):
-        tokens = model.tokenize(captions[s:s + run.batch_size]).to(dev)
+        batch = captions[s:s + run.batch_size]
+        # frozen CLIP (no task ids) reads plain captions, without the M prompt placeholders
+        tokens = (model.tokenize(batch) if cap_task is not None
+                  else clip_model.tokenize(batch, model.clip.context_length, truncate=True)).to(dev)
         ids = None if cap_task is None else cap_task[s:s + run.batch_size].to(dev)
         with autocast(dev):
             cap_feats.append(model.encode_text(tokens, ids).float().cpu())
@@ -2132,27 +2135,28 @@ def format_table(results: dict) -> str:
 
 def plot_recall(results: dict, path: Path) -> None:
     """Heat-maps of the R@1 matrices: row t = after training task t, column k = task k."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: never switches the caller's backend (notebooks)
 
     names = results["tasks"]
     T = len(names)
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.6 * T, 1.5 + 0.7 * T), squeeze=False)
-    for ax, d in zip(axes[0], ("i2t", "t2i")):
-        m = torch.tensor([[float("nan") if v is None else v for v in row] for row in results["recall"][d]["R@1"]])
-        im = ax.imshow(m.numpy(), vmin=0, vmax=100, cmap="viridis")
+    fig = Figure(figsize=(4 + 1.6 * T, 1.5 + 0.7 * T))
+    axes = fig.subplots(1, 2, squeeze=False)
+    mats = {d: torch.tensor([[float("nan") if v is None else v for v in row] for row in results["recall"][d]["R@1"]])
+            for d in ("i2t", "t2i")}
+    top = max(1.0, max(float(m.nan_to_num(0).max()) for m in mats.values()))  # one colour scale for both
+    for col, (ax, d) in enumerate(zip(axes[0], ("i2t", "t2i"))):
+        m = mats[d]
+        im = ax.imshow(m.numpy(), vmin=0, vmax=top, cmap="viridis")
         for i in range(T):
             for k in range(T):
                 if not math.isnan(m[i, k]):
                     ax.text(k, i, f"{m[i, k]:.0f}", ha="center", va="center",
-                            color="white" if m[i, k] < 60 else "black", fontsize=8)
+                            color="white" if m[i, k] < 0.6 * top else "black", fontsize=8)
         ax.set_xticks(range(T), names, rotation=45, ha="right")
-        ax.set_yticks(range(T), [f"after {n}" for n in names])
+        ax.set_yticks(range(T), [f"after {n}" for n in names] if col == 0 else [""] * T)
         ax.set_title(f"{d} R@1 (%)")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
     _atomic_write(path, lambda p: fig.savefig(p, dpi=110, bbox_inches="tight", format="png"))
-    plt.close(fig)
 
 
 # ========================================================================================
