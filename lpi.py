@@ -61,10 +61,16 @@ class ImageCaptionSet:
 
 @dataclass
 class Task:
-    """One task of the continual sequence: a name and its train / test pairs."""
+    """One task of the continual sequence: a name, its train / test pairs, and a readable
+    name (label) from which CLIP's text encoder gauges how related two tasks are (§5)."""
     name: str
     train: ImageCaptionSet
     test: ImageCaptionSet
+    label: str = ""  # default: the name
+
+    @property
+    def readable(self) -> str:
+        return self.label or self.name
 
 
 # ========================================================================================
@@ -93,7 +99,8 @@ class LPIConfig:
     lambda_h: float = 0.1
     # §5 task contrastive constraint
     task_loss: bool = True
-    theta: float = 0.4               # tasks more similar than theta are "positives"
+    task_similarity: str = "names"   # "names" (CLIP text of the task names, as the authors) | "centroids"
+    theta: float = 0.4               # tasks more similar than theta (range-normalised) are "positives"
     tau_task: float = 0.1            # [ours] 0.001 in the authors' code: see task_contrastive_loss
     lambda_task: float = 0.1
 
@@ -224,17 +231,46 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -
     return symmetric_info_nce(logit_scale.exp() * img @ txt.t())
 
 
+def standardize_tokens(P: torch.Tensor) -> torch.Tensor:
+    """What a pre-LN encoder reads of a prompt token: the token centred and scaled to unit
+    variance over its D features (LayerNorm without its affine part). (..., D) -> (..., D).
+    eps is far below LayerNorm's 1e-5, so that the result is scale-free even for prompts of
+    std ~0.06 (variance ~4e-3, where 1e-5 would still be felt); fp64 input stays fp64."""
+    P = P if P.dtype == torch.float64 else P.float()
+    return F.layer_norm(P, P.shape[-1:], eps=1e-12)
+
+
+def token_structure(P: torch.Tensor) -> torch.Tensor:
+    """Layer summary for the prompt-level loss: the correlations between the M tokens of
+    each layer, upper triangle. (J, M, D) -> (J, M(M-1)/2).
+
+    Each token is standardised first (standardize_tokens), so the summary sees exactly
+    what LayerNorm passes on (x -> a x + b leaves it unchanged) and nothing it removes,
+    and an M x M structure compares across modalities although D_v != D_t."""
+    Z = standardize_tokens(P)                                 # (J, M, D), zero mean, unit var per token
+    G = Z @ Z.transpose(1, 2) / Z.shape[-1]                   # (J, M, M) token correlations
+    i, k = torch.triu_indices(G.shape[1], G.shape[1], offset=1)
+    return G[:, i, k]                                         # the diagonal is always 1: left out
+
+
 def prompt_level_loss(P_v: torch.Tensor, P_t: torch.Tensor, tau: float) -> torch.Tensor:
-    """Hierarchical loss, prompt level (LPI_SPEC §4): summarise layer j by the mean over the
-    feature dimension, s_v[j] = mean_D P_v[j] (a length-M vector; same for text), and ask
-    layer j's visual summary to pick out layer j's textual one among all J layers:
+    """Hierarchical loss, prompt level (LPI_SPEC §4): layer j's visual prompt should pick out
+    layer j's textual prompt among all J layers, compared through their token structure
+    s[j] = token_structure(P)[j] (how the M tokens of layer j relate to each other):
 
         L_prompt = InfoNCE( cos(s_v, s_t) / τ )     over the J layers, both directions
 
-    [ours] the summaries are L2-normalised (cosine): raw means of prompts of std ~0.06 over
-    D ~ 512 features are ~1e-3, so raw logits would be ~0 and the loss flat at log J."""
-    s_v = F.normalize(P_v.float().mean(dim=-1), dim=-1)  # (J, M)
-    s_t = F.normalize(P_t.float().mean(dim=-1), dim=-1)  # (J, M)
+    [ours] The authors summarise a layer by its mean over D. Every prompt token reaches the
+    network through a LayerNorm, which removes exactly that mean (and the scale), so such a
+    loss moves only what the encoders never see. The token structure is what LayerNorm
+    keeps. It is blind to each token's scale, including the relative scale of the two
+    modalities that the interaction mixes before its own LayerNorm: that scale is left to
+    the retrieval loss, which sees its effect. With M = 1 a layer has no token structure
+    and the loss is 0."""
+    s_v, s_t = token_structure(P_v), token_structure(P_t)    # (J, M(M-1)/2) each
+    if s_v.shape[1] == 0:
+        return (P_v.sum() + P_t.sum()) * 0.0                  # keeps the graph and the dtype
+    s_v, s_t = F.normalize(s_v, dim=-1), F.normalize(s_t, dim=-1)
     return symmetric_info_nce(s_v @ s_t.t() / tau)
 
 
@@ -244,35 +280,75 @@ def factor_level_loss(B_v: torch.Tensor, B_t: torch.Tensor, tau: float) -> torch
     return symmetric_info_nce(F.normalize(B_v.float(), dim=-1) @ F.normalize(B_t.float(), dim=-1).t() / tau)
 
 
-def task_similarity(centroids_img: torch.Tensor, centroids_txt: torch.Tensor) -> torch.Tensor:
-    """Semantic similarity of tasks (LPI_SPEC §5, computed online [ours]): the mean of the
-    cosine similarities of per-task centroids of frozen-CLIP image and caption embeddings.
-    centroids_* (T, E) -> (T, T)."""
+# The semantic similarity of tasks (LPI_SPEC §5). The authors load a 12 x 12 matrix: the
+# cosine similarity of CLIP text embeddings of the COCO super-category names. We compute it
+# the same way from each task's readable name (`--task-similarity names`, the default), or
+# online from per-task centroids of frozen-CLIP features (`--task-similarity centroids`).
+TASK_NAME_TEMPLATE = "a photo of {}"
+
+
+@torch.no_grad()
+def name_similarity(clip: clip_model.CLIP, names: list[str]) -> torch.Tensor:
+    """Cosine similarity of the frozen text embeddings of TASK_NAME_TEMPLATE.format(name):
+    (T, T). Known before training (the names are), so computed once for all tasks."""
+    dev = clip.logit_scale.device
+    tokens = clip_model.tokenize([TASK_NAME_TEMPLATE.format(n) for n in names], clip.context_length, truncate=True)
+    e = F.normalize(clip.encode_text(tokens.to(dev)).float(), dim=-1)      # (T, E)
+    return (e @ e.t()).cpu()
+
+
+def centroid_similarity(centroids_img: torch.Tensor, centroids_txt: torch.Tensor) -> torch.Tensor:
+    """The mean of the cosine similarities of per-task centroids of frozen-CLIP image and
+    caption embeddings [ours]: a statistic per task, no replayed data. (T, E) x 2 -> (T, T)."""
     ci, ct = F.normalize(centroids_img.float(), dim=-1), F.normalize(centroids_txt.float(), dim=-1)
     return (ci @ ci.t() + ct @ ct.t()) / 2
 
 
-def task_contrastive_loss(prompts: torch.Tensor, similarity: torch.Tensor, theta: float,
-                          tau: float) -> torch.Tensor:
+def task_targets(similarity: torch.Tensor, theta: float) -> torch.Tensor:
+    """Targets Y[i, k] = 1 for related tasks, 0 for unrelated ones; 1 on the diagonal.
+
+    [ours] θ is applied to the *range-normalised* similarity: off-diagonal values rescaled
+    so that the least similar pair is 0 and the most similar 1 (a monotone map: the order of
+    the pairs is kept). CLIP embeddings share a large common component, so raw cosines of a
+    real CLIP can all lie above θ = 0.4 (and those of our tiny one anywhere); after the
+    rescaling θ splits the pairs on any backbone, the extreme pairs always on either side.
+    On the authors' own matrix (off-diagonal 0.22-0.70) θ = 0.4 then sits at a raw 0.41:
+    their split. With fewer than two distinct off-diagonal values (e.g. two tasks) there
+    is no range, and θ applies to the raw cosine."""
+    S = similarity.float()
+    T = S.shape[0]
+    off = ~torch.eye(T, dtype=torch.bool)
+    if T > 1 and S[off].max() - S[off].min() > 1e-6:
+        lo, hi = S[off].min(), S[off].max()
+        S = (S - lo) / (hi - lo)
+    Y = (S > theta).float()
+    Y.fill_diagonal_(1.0)
+    return Y
+
+
+def task_contrastive_loss(prompts: torch.Tensor, targets: torch.Tensor, tau: float) -> torch.Tensor:
     """Task contrastive constraint (LPI_SPEC §5) for one modality.
 
-    prompts (T, ...) are the prompts of tasks 1..t (older ones detached by the caller),
-    similarity (T, T) the tasks' semantic similarity. With X = cos(vec P_i, vec P_k),
-    targets Y[i,k] = [similarity[i,k] > θ], over off-diagonal pairs:
+    prompts (T, J, M, D) are the inserted prompts of tasks 1..t (older ones detached by the
+    caller), targets (T, T) the 0/1 matrix Y of task_targets. With X the cosine similarity
+    of the tasks' prompts, over off-diagonal pairs:
 
         L_task = mean_{Y=1} BCE(σ(X/τ), 1) + mean_{Y=0} BCE(σ(X/τ), 0)
 
-    Each mean is 0 when it has no pairs, so the loss is 0 (not NaN) at the first task.
-    The sigmoid is applied once (the authors' code applies it twice). [ours] τ = 0.1 by
-    default: with τ = 0.001 and a single sigmoid, BCE is ~|X|/τ with slope 1000, which
-    swamps the retrieval loss at any weight the paper uses.
+    [ours] X compares the prompts token by token after standardising each token over D
+    (what the encoders read): every layer and token counts alike. On raw prompts the deep
+    layers, which leave the interaction's LayerNorm at unit scale, would drown layer 0
+    (scale ~0.06). Each mean is 0 when it has no pairs, so the loss is 0 (not NaN) at the
+    first task. The sigmoid is applied once (the authors' code applies it twice). [ours]
+    τ = 0.1 by default: with τ = 0.001 and a single sigmoid, BCE is ~|X|/τ with slope 1000,
+    which swamps the retrieval loss at any weight the paper uses.
     """
     T = prompts.shape[0]
     if T < 2:
         return prompts.sum() * 0.0  # keeps the graph and the dtype
-    flat = F.normalize(prompts.reshape(T, -1).float(), dim=-1)
-    X = flat @ flat.t()                                          # (T, T) cosine similarities
-    Y = (similarity > theta).float()
+    flat = F.normalize(standardize_tokens(prompts).reshape(T, -1), dim=-1)   # (T, J*M*D)
+    X = flat @ flat.t()                                                      # (T, T) cosine similarities
+    Y = targets[:T, :T].to(X)
     off = ~torch.eye(T, dtype=torch.bool, device=X.device)
     bce = F.binary_cross_entropy_with_logits(X / tau, Y, reduction="none")
     loss = X.new_zeros(())
@@ -301,10 +377,13 @@ class TaskPrompts(nn.Module):
         """Prompts before interaction: what the hierarchical loss aligns. 2 x (J, M, D)."""
         return self.prompts()
 
+    def interact(self, P_v: torch.Tensor, P_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw prompts -> prompts as inserted (the interaction, when there is one)."""
+        return self.interaction(P_v, P_t) if self.interaction is not None else (P_v, P_t)
+
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts as inserted into the encoders: 2 x (J, M, D)."""
-        P_v, P_t = self.prompts()
-        return self.interaction(P_v, P_t) if self.interaction is not None else (P_v, P_t)
+        return self.interact(*self.prompts())
 
 
 class LPI(nn.Module):
@@ -376,29 +455,32 @@ class LPI(nn.Module):
         return self.clip.encode_text(tokens, self._prompts_for(task_ids, 1))
 
     def losses(self, images: torch.Tensor, tokens: torch.Tensor, t: int,
-               similarity: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """All loss terms for a batch of task t's pairs (LPI_SPEC §7):
-        L = L_clip + λ_h (L_prompt + L_factor) + λ_task (L_task_v + L_task_t)."""
+               targets: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """All loss terms for a batch of task t's pairs (LPI_SPEC §7), with task t's prompts
+        built once: L = L_clip + λ_h (L_prompt + L_factor) + λ_task (L_task_v + L_task_t) / 2.
+        targets: the (T, T) 0/1 task-relation matrix Y (task_targets), or None."""
         cfg = self.cfg
-        out = {"clip": clip_loss(self.encode_image(images, t), self.encode_text(tokens, t), self.clip.logit_scale)}
         if not self.prompted:
-            out["total"] = out["clip"]
-            return out
+            loss = clip_loss(self.clip.encode_image(images), self.clip.encode_text(tokens), self.clip.logit_scale)
+            return {"clip": loss, "total": loss}
         tp = self.task_prompts[0 if self.shared else t]
+        raw_v, raw_t = tp.raw()                                   # (J, M, D_v), (J, M, D_t): before interaction
+        P_v, P_t = tp.interact(raw_v, raw_t)                      # as inserted into the encoders
+        out = {"clip": clip_loss(self.clip.encode_image(images, P_v), self.clip.encode_text(tokens, P_t),
+                                 self.clip.logit_scale)}
         total = out["clip"]
         if cfg.hier_prompt:
-            out["prompt"] = prompt_level_loss(*tp.raw(), cfg.tau_h)
+            out["prompt"] = prompt_level_loss(raw_v, raw_t, cfg.tau_h)
             total = total + cfg.lambda_h * out["prompt"]
         if cfg.hier_factor and cfg.low_rank:  # full-rank prompts have no factors to align
             out["factor"] = factor_level_loss(tp.prompts.B_v, tp.prompts.B_t, cfg.tau_h)
             total = total + cfg.lambda_h * out["factor"]
-        if cfg.task_loss and not self.shared and similarity is not None and t > 0:
-            # old tasks' prompts are frozen constants; only row/column t carries gradient
-            pv = torch.stack([self.task_prompts[k]()[0].detach() if k < t else tp()[0] for k in range(t + 1)])
-            pt = torch.stack([self.task_prompts[k]()[1].detach() if k < t else tp()[1] for k in range(t + 1)])
-            S = similarity[: t + 1, : t + 1]
-            out["task"] = (task_contrastive_loss(pv, S, cfg.theta, cfg.tau_task)
-                           + task_contrastive_loss(pt, S, cfg.theta, cfg.tau_task))
+        if cfg.task_loss and not self.shared and targets is not None and t > 0:
+            with torch.no_grad():  # old tasks' prompts are frozen constants: only row/column t learns
+                old_v, old_t = zip(*(self.task_prompts[k]() for k in range(t)))
+            Y = targets[: t + 1, : t + 1]
+            out["task"] = (task_contrastive_loss(torch.stack([*old_v, P_v]), Y, cfg.tau_task)
+                           + task_contrastive_loss(torch.stack([*old_t, P_t]), Y, cfg.tau_task)) / 2
             total = total + cfg.lambda_task * out["task"]
         out["total"] = total
         return out
@@ -427,7 +509,8 @@ METHODS = {
     "lpi": "LPI: low-rank decomposed prompts, interaction, hierarchical and task losses, k-means routing",
     "zeroshot": "frozen CLIP, no prompts",
     "seqft": "one shared prompt set (LPI's shape) trained through all tasks in order, no routing",
-    "sprompts": "S-Prompts: full-rank per-task prompts, k-means routing, no decomposition, interaction or extra loss",
+    "sprompts": "S-Prompts as the authors ran it: full-rank per-task prompts at layer 0 only (J = 1), k-means "
+                "routing, no decomposition, interaction or extra loss (the deep full-rank variant is --full-rank)",
     "l2p": "L2P: a pool of visual prompts with learnable keys, top-k picked per image by its frozen CLIP "
            "feature, key-matching loss; one shared textual prompt set",
     "joint": "one prompt set (LPI's shape) trained on all tasks' data at once: the upper bound",
@@ -548,8 +631,8 @@ class L2P(nn.Module):
         return self.clip.encode_text(tokens, None if task_ids is None else self.P_t)
 
     def losses(self, images: torch.Tensor, tokens: torch.Tensor, t: int,
-               similarity: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """L = L_clip + λ · L_key (t and the task similarity play no part)."""
+               targets: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """L = L_clip + λ · L_key (t and the task relations play no part)."""
         img, cos = self._prompted_image(images)
         out = {"clip": clip_loss(img, self.encode_text(tokens, t), self.clip.logit_scale),
                "key": key_matching_loss(cos)}
@@ -569,6 +652,8 @@ def method_config(method: str, cfg: LPIConfig) -> LPIConfig:
         cfg.J = 0
     elif method in ("sprompts", "l2p"):
         cfg.low_rank = cfg.interaction = cfg.hier_prompt = cfg.hier_factor = cfg.task_loss = False
+    if method == "sprompts":
+        cfg.J = min(cfg.J, 1)  # as the authors ran it: full-rank prompts at layer 0 only
     if method in ("seqft", "joint"):
         cfg.task_loss = False  # one prompt set: no other task's prompts to contrast with
     return cfg
@@ -579,7 +664,8 @@ def make_method(args, clip: clip_model.CLIP) -> LPI | L2P:
     cfg = LPIConfig(J=args.J, M=args.M, R=args.R, low_rank=not args.full_rank, interaction=not args.no_interaction,
                     alpha=args.alpha, interaction_rank=args.interaction_rank, interaction_ln=not args.no_interaction_ln,
                     hier_prompt=not args.no_hier_prompt, hier_factor=not args.no_hier_factor, tau_h=args.tau_h,
-                    lambda_h=args.lambda_h, task_loss=not args.no_task_loss, theta=args.theta,
+                    lambda_h=args.lambda_h, task_loss=not args.no_task_loss, task_similarity=args.task_similarity,
+                    theta=args.theta,
                     tau_task=args.tau_task, lambda_task=args.lambda_task)
     cfg = method_config(args.method, cfg)
     if args.method == "l2p":
@@ -610,6 +696,25 @@ def method_parameters(method: str, cfg: LPIConfig, D_v: int, D_t: int, E: int, t
             "after_tasks": total * (tasks if method in PER_TASK_METHODS else 1), "tasks": tasks}
 
 
+def parameter_comparison(cfg: LPIConfig, D_v: int, D_t: int) -> dict[str, dict[str, int]]:
+    """Per-task parameters of LPI (prompts and interaction apart) beside S-Prompts as the
+    authors ran it (full rank, J = 1) and full-rank prompts at LPI's depth, at these widths."""
+    full = LPIConfig(**dict(vars(cfg), low_rank=False, interaction=False))
+    return {"LPI": count_parameters(cfg, D_v, D_t),
+            "S-Prompts (J=1)": count_parameters(method_config("sprompts", cfg), D_v, D_t),
+            f"full rank (J={cfg.J})": count_parameters(full, D_v, D_t)}
+
+
+def format_parameter_comparison(comparison: dict[str, dict[str, int]]) -> str:
+    """One line: LPI's per-task parameters against the full-rank ones, as ratios."""
+    lpi = comparison["LPI"]
+    parts = [f"LPI {lpi['total']:,} (prompts {lpi['prompts']:,} + interaction {lpi['interaction']:,})"]
+    for name, c in comparison.items():
+        if name != "LPI":
+            parts.append(f"{name} {c['total']:,} (LPI is {lpi['total'] / c['total']:.2f}x)")
+    return "parameters per task: " + "; ".join(parts)
+
+
 def model_parameters(model: LPI | L2P, tasks: int) -> dict[str, int]:
     """method_parameters of a built model (what results.json reports)."""
     if isinstance(model, L2P):
@@ -636,19 +741,24 @@ sent to the task whose frozen-CLIP k-means keys it is nearest to."""
 #     task(x) = task_of( argmax_key  cos(x, key) )
 # and is then encoded with that task's prompts.
 #
-# The k-means here is *spherical* (cosine) k-means: features and centroids live on the
-# unit sphere, points are assigned to the centroid of largest cosine, and a centroid is
-# the mean of its points rescaled to unit length. On unit vectors
-# ||x - c||^2 = 2 - 2 cos(x, c), so this is also Euclidean assignment on normalised
-# features, and it is the same criterion the router uses afterwards.
+# Two metrics (--route-metric), features L2-normalised in both:
+# - cosine [ours, default]: *spherical* k-means. Points are assigned to the centroid of
+#   largest cosine and a centroid is the mean of its points rescaled to unit length; the
+#   router then picks the key of largest cosine: one criterion for clustering and routing.
+# - l1 [code]: as the authors (S-Prompts): Euclidean k-means (centroids are plain means,
+#   inside the sphere), then routing by the smallest L1 distance to a key, a criterion the
+#   clustering did not optimise.
 # ---------------------------------------------------------------------------------------
 
-def kmeans(x: Tensor, k: int, iters: int = 50, seed: int = 0) -> Tensor:
-    """Spherical k-means with k-means++ initialisation; deterministic for a given seed.
+ROUTE_METRICS = ("cosine", "l1")
 
-    x: (N, D) features (normalised inside). Returns unit-norm centroids (min(k, N), D):
-    with N <= k every point is its own centroid. An empty cluster is re-seeded with the
-    point that is worst served by its current centroid (lowest cosine).
+def kmeans(x: Tensor, k: int, iters: int = 50, seed: int = 0, spherical: bool = True) -> Tensor:
+    """k-means with k-means++ initialisation; deterministic for a given seed.
+
+    x: (N, D) features (normalised inside). spherical: cosine assignment and unit-norm
+    centroids; else Euclidean assignment and mean centroids. Returns (min(k, N), D): with
+    N <= k every point is its own centroid. An empty cluster is re-seeded with the point
+    that is worst served by its current centroid.
     """
     x = F.normalize(x.detach().float(), dim=-1)
     n = x.shape[0]
@@ -673,8 +783,9 @@ def kmeans(x: Tensor, k: int, iters: int = 50, seed: int = 0) -> Tensor:
 
     assign = None
     for _ in range(iters):
-        cos = x @ centroids.T                                                  # (N, k)
-        best_cos, new_assign = cos.max(1)
+        # affinity to each centroid (N, k): cosine, or minus the squared Euclidean distance
+        aff = x @ centroids.T if spherical else -torch.cdist(x, centroids) ** 2
+        best_aff, new_assign = aff.max(1)
         if assign is not None and torch.equal(new_assign, assign):
             break
         assign = new_assign
@@ -686,9 +797,9 @@ def kmeans(x: Tensor, k: int, iters: int = 50, seed: int = 0) -> Tensor:
         empty = (counts == 0).nonzero().flatten()
         if len(empty) > 0:
             # Re-seed the empty clusters with the worst-served points, one each.
-            worst = best_cos.argsort()[:len(empty)]
-            sums[empty] = x[worst]
-        centroids = F.normalize(sums, dim=-1)
+            worst = best_aff.argsort()[:len(empty)]
+            sums[empty], counts[empty] = x[worst], 1
+        centroids = F.normalize(sums, dim=-1) if spherical else sums / counts[:, None]
     return centroids
 
 
@@ -699,8 +810,10 @@ class TaskRouter:
     every key beside them, so `state_dict()` is directly checkpointable.
     """
 
-    def __init__(self, iters: int = 50, seed: int = 0):
-        self.iters, self.seed = iters, seed
+    def __init__(self, iters: int = 50, seed: int = 0, metric: str = "cosine"):
+        if metric not in ROUTE_METRICS:
+            raise ValueError(f"metric must be one of {ROUTE_METRICS}, not {metric!r}")
+        self.iters, self.seed, self.metric = iters, seed, metric
         self.image_keys = torch.empty(0, 0)                            # (n_keys, D_v)
         self.image_key_task = torch.empty(0, dtype=torch.long)         # (n_keys,)
         self.text_keys = torch.empty(0, 0)                             # (n_keys, D_t)
@@ -711,8 +824,9 @@ class TaskRouter:
         """Cluster one task's frozen CLIP image and caption embeddings; returns its id."""
         t = self.num_tasks
         seed = self.seed + t   # a different, fixed seed per task
-        img_c = kmeans(image_feats.cpu(), k, self.iters, seed)
-        txt_c = kmeans(text_feats.cpu(), k, self.iters, seed)
+        spherical = self.metric == "cosine"
+        img_c = kmeans(image_feats.cpu(), k, self.iters, seed, spherical)
+        txt_c = kmeans(text_feats.cpu(), k, self.iters, seed, spherical)
         self.image_keys = img_c if t == 0 else torch.cat([self.image_keys, img_c])
         self.text_keys = txt_c if t == 0 else torch.cat([self.text_keys, txt_c])
         self.image_key_task = torch.cat([self.image_key_task, torch.full((len(img_c),), t)])
@@ -720,12 +834,15 @@ class TaskRouter:
         self.num_tasks += 1
         return t
 
-    @staticmethod
-    def _route(feats: Tensor, keys: Tensor, key_task: Tensor) -> Tensor:
+    def _route(self, feats: Tensor, keys: Tensor, key_task: Tensor) -> Tensor:
         if len(keys) == 0:
             raise RuntimeError("TaskRouter has no tasks yet")
         feats = F.normalize(feats.detach().float(), dim=-1)
-        nearest = (feats @ keys.to(feats.device).T).argmax(1)          # (N,) cosine
+        keys = keys.to(feats.device)
+        if self.metric == "cosine":
+            nearest = (feats @ keys.T).argmax(1)                       # (N,) largest cosine
+        else:
+            nearest = torch.cdist(feats, keys, p=1).argmin(1)          # (N,) smallest L1 distance
         return key_task.to(feats.device)[nearest]
 
     def route_images(self, feats: Tensor) -> Tensor:
@@ -1383,14 +1500,14 @@ def coco_task(root: str) -> Task:
     """COCO (Karpathy split) as one task named "coco"."""
     train, test = load_karpathy(os.path.join(root, COCO_KARPATHY_JSON), coco_image_path(root))
     check_image_dirs([train, test], "coco")
-    return Task("coco", train, test)
+    return Task("coco", train, test, label="common objects in context")  # what "COCO" stands for
 
 
 def flickr_task(root: str) -> Task:
     """Flickr30K (Karpathy split) as one task named "flickr"."""
     train, test = load_karpathy(os.path.join(root, FLICKR_KARPATHY_JSON), flickr_image_path(root))
     check_image_dirs([train, test], "flickr")
-    return Task("flickr", train, test)
+    return Task("flickr", train, test, label="people in everyday scenes")  # what Flickr30K pictures
 
 
 # ----------------------------------------------------------------------------------------
@@ -1509,7 +1626,7 @@ def split_coco_by_supercategory(root: str) -> SupercategorySplit:
         for role in ("train", "test"):
             if not groups[s, role]:
                 raise LPIError(f"task {name} has no {role} images after the super-category split of {json_path}")
-        tasks.append(Task(name, make_set(groups[s, "train"]), make_set(groups[s, "test"])))
+        tasks.append(Task(name, make_set(groups[s, "train"]), make_set(groups[s, "test"]), label=names[s - 1]))
     check_image_dirs([t.train for t in tasks] + [t.test for t in tasks], "coco:supercategory")
     return SupercategorySplit(tasks, names, dict(dropped))
 
@@ -1540,7 +1657,7 @@ def subsample(data: ImageCaptionSet, n: int | None, seed: int = 0) -> ImageCapti
 
 
 def subsample_task(task: Task, max_train: int | None, max_test: int | None, seed: int = 0) -> Task:
-    return Task(task.name, subsample(task.train, max_train, seed), subsample(task.test, max_test, seed))
+    return Task(task.name, subsample(task.train, max_train, seed), subsample(task.test, max_test, seed), task.label)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1848,37 +1965,86 @@ def encode_set(model: LPI, data: ImageCaptionSet, run: "RunSettings", img_task=N
     return torch.cat(img_feats), torch.cat(cap_feats), cap2img, torch.cat(ok_all)
 
 
+# ---------------------------------------------------------------------------------------
+# The authors' training recipe, each part a switch:
+# - --pairs per-caption [code]: an epoch visits every (image, caption) pair once, so an
+#   image comes back once per caption (and two captions of one image may share a batch,
+#   each then a false negative of the other). per-image: each image once per epoch, with
+#   one of its captions at random (never two captions of an image in one batch). The
+#   built-in tasks have one caption per image: there the two are the same.
+# - --augment [code]: RandomResizedCrop (torchvision's default scale 0.08-1) and a random
+#   horizontal flip of the training images. On by default for real data; off for the
+#   built-in world, whose captions name positions ("left of", "above") that a flip or a
+#   crop would falsify.
+# ---------------------------------------------------------------------------------------
+
+def training_pairs(data: ImageCaptionSet, per_caption: bool, g: torch.Generator) -> tuple[list[int], list[int]]:
+    """One epoch's (image index, caption index) pairs in random order, as two lists."""
+    if per_caption:
+        pairs = [(i, c) for i, caps in enumerate(data.captions) for c in range(len(caps))]
+        pairs = [pairs[j] for j in torch.randperm(len(pairs), generator=g).tolist()]
+    else:
+        order = torch.randperm(len(data), generator=g).tolist()
+        pairs = [(i, int(torch.randint(len(data.captions[i]), (1,), generator=g))) for i in order]
+    return [i for i, _ in pairs], [c for _, c in pairs]
+
+
+def train_transform(resolution: int):
+    """The authors' training augmentation on a PIL image, then CLIP's normalisation."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.RandomResizedCrop(resolution, interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(clip_model.CLIP_MEAN, clip_model.CLIP_STD)])
+
+
+def augment_tensors(x: torch.Tensor) -> torch.Tensor:
+    """train_transform for images that are tensors already (B, 3, H, W): each image its
+    own random crop (resized back to H x W) and flip."""
+    from torchvision import transforms as T
+    from torchvision.transforms import functional as TF
+
+    H, W = x.shape[-2:]
+    out = []
+    for img in x:
+        i, j, h, w = T.RandomResizedCrop.get_params(img, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+        img = TF.resized_crop(img, i, j, h, w, [H, W], interpolation=T.InterpolationMode.BICUBIC, antialias=True)
+        out.append(TF.hflip(img) if torch.rand(()) < 0.5 else img)
+    return torch.stack(out)
+
+
 def train_task(model: LPI, t: int, data: ImageCaptionSet, run: "RunSettings",
-               similarity: torch.Tensor | None) -> dict[str, float]:
-    """Train task t's parameters (only those) on its pairs. SGD with momentum, cosine
-    schedule (LPI_SPEC §7). Each epoch shows every image once, with one of its captions
-    drawn at random, so a batch never holds two captions of one image (false negatives)."""
+               targets: torch.Tensor | None) -> dict[str, float]:
+    """Train task t's parameters (only those) on its pairs: SGD with momentum, cosine
+    schedule (LPI_SPEC §7), the recipe switches above. targets: the task relations Y."""
     from tqdm import tqdm
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         return {}
     opt = torch.optim.SGD(params, lr=run.lr, momentum=0.9, weight_decay=run.weight_decay)
-    per_epoch = math.ceil(len(data) / run.batch_size)
-    total = run.epochs * per_epoch
+    n_pairs = sum(map(len, data.captions)) if run.per_caption else len(data)
+    total = run.epochs * math.ceil(n_pairs / run.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / total)))
     g = torch.Generator().manual_seed(run.seed * 1000 + t)
+    files = not isinstance(data.images, torch.Tensor)
+    preprocess = train_transform(model.clip.visual.input_resolution) if run.augment and files else run.preprocess
     model.train()
     bar = tqdm(total=total, desc=f"task {t + 1} train", disable=not run.progress)
     running: dict[str, float] = {}
     for epoch in range(run.epochs):
-        order = torch.randperm(len(data), generator=g).tolist()
-        pick = [int(torch.randint(len(data.captions[i]), (1,), generator=g)) for i in order]
-        for x, pos, ok in image_batches(data, order, run.batch_size, run.preprocess, run.workers):
+        order, pick = training_pairs(data, run.per_caption, g)
+        for x, pos, ok in image_batches(data, order, run.batch_size, preprocess, run.workers):
             caps = [data.captions[order[p]][pick[p]] for p in pos.tolist()]
             keep = ok.nonzero().flatten()
             if len(keep) < 2:  # a contrastive loss needs at least one negative
                 bar.update(1)
                 continue
             x, caps = x[keep], [caps[i] for i in keep.tolist()]
+            if run.augment and not files:
+                x = augment_tensors(x)
             tokens = model.tokenize(caps).to(run.device)
             with autocast(run.device):
-                losses = model.losses(x.to(run.device), tokens, t, similarity)
+                losses = model.losses(x.to(run.device), tokens, t, targets)
             opt.zero_grad(set_to_none=True)
             losses["total"].backward()
             opt.step()
@@ -1905,6 +2071,9 @@ class RunSettings:
     workers: int = 0
     keys_k: int = 5
     routing: str = "kmeans"
+    route_metric: str = "cosine"  # k-means and routing metric (see TaskRouter)
+    augment: bool = False         # the authors' crop + flip of training images
+    per_caption: bool = True      # an epoch visits every caption (else every image) once
     progress: bool = True
     joint: bool = False   # train once on all tasks' data (the joint upper bound)
 
@@ -1996,6 +2165,19 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def record_task_relations(results: dict, S: torch.Tensor, theta: float, source: str) -> torch.Tensor:
+    """Put the task similarity S and its targets Y in results, print how Y splits the
+    pairs, and return Y."""
+    Y = task_targets(S, theta)
+    off = ~torch.eye(len(S), dtype=torch.bool)
+    pos, neg = int(Y[off].sum()) // 2, int((1 - Y[off]).sum()) // 2
+    results["task_similarity"] = [[round(float(v), 6) for v in row] for row in S]
+    results["task_targets"] = Y.int().tolist()
+    if len(S) > 1:
+        print(f"task similarity ({source}): {pos} related and {neg} unrelated pairs of tasks (θ = {theta})")
+    return Y
+
+
 # Settings that may differ between an interrupted run and its --resume.
 _RESUME_FREE = {"resume", "out", "device", "workers", "progress"}
 
@@ -2009,17 +2191,21 @@ def run_continual(model: LPI, tasks: list[Task], run: RunSettings, out: Path, co
     import time
 
     T = len(tasks)
-    router = TaskRouter(seed=run.seed)
+    router = TaskRouter(seed=run.seed, metric=run.route_metric)
+    theta, by_names = model.cfg.theta, model.cfg.task_similarity == "names"
+    # §5: with "names" the relations of all T tasks are known from their names before training
+    S_names = name_similarity(model.clip, [tk.readable for tk in tasks]) if by_names else None
     cent_img, cent_txt = [], []
     nan_matrix = lambda: [[None] * T for _ in range(T)]  # noqa: E731
     results = {"config": config, "tasks": [t.name for t in tasks],
                "recall": {d: {f"R@{K}": nan_matrix() for K in (1, 5, 10)} for d in ("i2t", "t2i")},
                "routing_accuracy": [], "trainable_params_per_task": model_parameters(model, T),
+               "parameter_comparison": parameter_comparison(model.cfg, model.D_v, model.D_t),
                "skipped_images": 0, "wall_time_s": 0.0}
     start = 0
     ckpt_path = latest_checkpoint(out)
     if resume and ckpt_path is not None:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         differ = sorted(k for k in set(config) | set(ckpt["config"])
                         if k not in _RESUME_FREE and config.get(k) != ckpt["config"].get(k))
         if differ:
@@ -2037,6 +2223,8 @@ def run_continual(model: LPI, tasks: list[Task], run: RunSettings, out: Path, co
     elif ckpt_path is not None:
         raise LPIError(f"{out} already holds a run ({ckpt_path.name}); pass --resume to continue it, "
                        f"or choose another --out")
+    if by_names:
+        record_task_relations(results, S_names, theta, "names")
     t0 = time.time() - results["wall_time_s"]
     frozen_test: list[tuple | None] = [None] * T  # frozen CLIP features of each test set
     skipped = 0
@@ -2050,7 +2238,11 @@ def run_continual(model: LPI, tasks: list[Task], run: RunSettings, out: Path, co
             router.add_task(f_img[ok], f_cap, run.keys_k)
         cent_img.append(F.normalize(f_img[ok], dim=-1).mean(0))
         cent_txt.append(F.normalize(f_cap, dim=-1).mean(0))
-        similarity = task_similarity(torch.stack(cent_img), torch.stack(cent_txt))
+        if by_names:
+            targets = task_targets(S_names, theta)
+        else:  # online: the seen tasks' centroids, targets renewed as tasks arrive
+            targets = record_task_relations(results, centroid_similarity(torch.stack(cent_img), torch.stack(cent_txt)),
+                                            theta, "centroids")
         if run.joint:
             # The upper bound: no training until every task's data is there, then one
             # shared prompt set on the union of all training sets; one evaluation.
@@ -2059,7 +2251,7 @@ def run_continual(model: LPI, tasks: list[Task], run: RunSettings, out: Path, co
                 continue
             train_task(model, idx, union([tk.train for tk in tasks]), run, None)
         else:
-            train_task(model, idx, task.train, run, similarity)
+            train_task(model, idx, task.train, run, targets)
         for k in range(t + 1):
             if frozen_test[k] is None:
                 frozen_test[k] = encode_set(model, tasks[k].test, run)  # no task ids: plain CLIP
@@ -2121,7 +2313,7 @@ def format_table(results: dict) -> str:
                      + "".join(f"{z[f'{d}_{K}']:>10.1f}" for d in ("i2t", "t2i") for K in ("R@1", "R@5", "R@10")))
     lines.append(f"mean recall {s['mean_recall']:.1f}" + (f" (zero-shot {zs['summary']['mean_recall']:.1f})" if zs else "")
                  + f"; average forgetting of R@1: i2t {s['i2t_forgetting_R@1']:.1f}, t2i {s['t2i_forgetting_R@1']:.1f}")
-    if results["routing_accuracy"]:
+    if results["routing_accuracy"] and results["config"].get("method", "lpi") in PER_TASK_METHODS:
         r = results["routing_accuracy"][-1]
         lines.append(f"routing accuracy after the last task: images {r['image']:.1f}%, captions {r['text']:.1f}%")
     if results.get("skipped_images"):
@@ -2130,6 +2322,8 @@ def format_table(results: dict) -> str:
     keys = f", keys {p['keys']:,}" if p.get("keys") else ""
     lines.append(f"trainable parameters per task: {p['total']:,} (prompts {p['prompts']:,}, "
                  f"interaction {p['interaction']:,}{keys}); wall time {results['wall_time_s']:.0f} s")
+    if results["config"].get("method", "lpi") == "lpi" and "parameter_comparison" in results:
+        lines.append(format_parameter_comparison(results["parameter_comparison"]))
     return "\n".join(lines)
 
 
@@ -2211,12 +2405,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tau-h", type=float, default=LPIConfig.tau_h, help="§4 temperature")
     g.add_argument("--lambda-h", type=float, default=LPIConfig.lambda_h, help="§4 loss weight")
     g.add_argument("--no-task-loss", action="store_true", help="§5 off: task contrastive constraint")
-    g.add_argument("--theta", type=float, default=LPIConfig.theta, help="§5 similarity threshold θ")
+    g.add_argument("--task-similarity", default=LPIConfig.task_similarity, choices=["names", "centroids"],
+                   help="§5 how related two tasks are: CLIP text embeddings of the task names (as the authors), "
+                        "or frozen-CLIP centroids of each task's images and captions, computed online")
+    g.add_argument("--theta", type=float, default=LPIConfig.theta,
+                   help="§5 threshold θ on the range-normalised task similarity: above it, two tasks are related")
     g.add_argument("--tau-task", type=float, default=LPIConfig.tau_task, help="§5 temperature")
     g.add_argument("--lambda-task", type=float, default=LPIConfig.lambda_task, help="§5 loss weight")
     g.add_argument("--routing", default="kmeans", choices=["kmeans", "oracle"],
                    help="§6 task identity at test time: nearest k-means key, or the true task")
     g.add_argument("--keys", type=int, default=5, help="§6 k-means keys per task and modality")
+    g.add_argument("--route-metric", default="cosine", choices=list(ROUTE_METRICS),
+                   help="§6 cosine: spherical k-means, route by largest cosine (ours); l1: Euclidean k-means, "
+                        "route by smallest L1 distance (the authors')")
 
     g = p.add_argument_group("training and run")
     g.add_argument("--epochs", type=int, default=None,
@@ -2225,8 +2426,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"default {PAPER_DEFAULTS['batch_size']}; {TINY_DEFAULTS['batch_size']} with --clip tiny")
     g.add_argument("--lr", type=float, default=None,
                    help=f"SGD learning rate (default {PAPER_DEFAULTS['lr']}; {TINY_DEFAULTS['lr']} with --clip tiny)")
-    g.add_argument("--weight-decay", type=float, default=2e-4)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=2e-4, help="SGD weight decay")
+    g.add_argument("--augment", default="auto", choices=["auto", "on", "off"],
+                   help="RandomResizedCrop + horizontal flip of training images, as the authors; auto: on for "
+                        "real data, off for the built-in tasks (their captions name positions)")
+    g.add_argument("--pairs", default="per-caption", choices=["per-caption", "per-image"],
+                   help="an epoch visits every caption once (the authors'), or every image once with one "
+                        "random caption (no two captions of an image in a batch)")
+    g.add_argument("--seed", type=int, default=0, help="seed of initialisation, order and subsampling")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     g.add_argument("--workers", type=int, default=2, help="image-loading processes for file data sets")
     g.add_argument("--out", default="runs/default", help="output folder: results.json, recall_r1.png, checkpoints/")
@@ -2304,13 +2511,15 @@ def main(argv: list[str] | None = None) -> int:
             sizes["n_test"] = args.max_test_per_task
         tasks = parse_task_specs(args.tasks, args.data_root,
                                  {n: (lambda n=n: BUILTIN_TASKS[n](seed=0, **sizes)) for n in BUILTIN_TASKS})
-        tasks = [Task(t.name, subsample(t.train, args.max_train_per_task, args.seed),
-                      subsample(t.test, args.max_test_per_task, args.seed)) for t in tasks]
+        tasks = [subsample_task(t, args.max_train_per_task, args.max_test_per_task, args.seed) for t in tasks]
+        all_builtin = all(isinstance(t.train.images, torch.Tensor) for t in tasks)
         config = dict(vars(args))
         model = make_method(args, clip)
         run = RunSettings(device=device, preprocess=preprocess, batch_size=args.batch_size, epochs=args.epochs,
                           lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, workers=args.workers,
-                          keys_k=args.keys, routing=args.routing, progress=args.progress,
+                          keys_k=args.keys, routing=args.routing, route_metric=args.route_metric,
+                          augment=args.augment == "on" or (args.augment == "auto" and not all_builtin),
+                          per_caption=args.pairs == "per-caption", progress=args.progress,
                           joint=args.method == "joint")
         results = run_continual(model, tasks, run, out, config, resume=args.resume)
         plot_recall(results, out / "recall_r1.png")

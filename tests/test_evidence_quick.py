@@ -31,7 +31,8 @@ def test_evidence_quick(tmp_path):
         assert f"| {r['group']} | {r['label']}" in md
     # the real-scale parameter table, from the accounting function
     p = {r["method"]: r for r in res["parameters_vitb16"]}
-    assert p["LPI"]["prompts"] == 5284 and p["S-Prompts"]["after_tasks"] == 12 * 184320
+    assert p["LPI"]["prompts"] == 5284 and p["S-Prompts (J=1)"]["after_tasks"] == 12 * 20480
+    assert p["full rank (J=9)"]["total"] == 184320
     assert "ViT-B/16 scale" in md and "| L2P |" in md
 
 
@@ -42,7 +43,7 @@ def test_evidence_rows_cover_the_issue():
     labels = [label for _, label, _ in rows]
     assert {"zeroshot", "seqft", "sprompts", "l2p", "joint", "lpi"} <= set(labels)
     assert {"full-rank", "no-interaction", "no-hier-prompt", "no-hier-factor", "no-task-loss",
-            "routing oracle"} <= set(labels)
+            "routing oracle", "alpha=0"} <= set(labels)
     assert [l for l in labels if l.startswith("R=")] == ["R=1", "R=2", "R=4", "R=8", "R=16"]
     assert [l for l in labels if l.startswith("J=")] == ["J=1", "J=2", "J=4", "J=all (4)"]
     for _, _, flags in rows:  # every row is a valid lpi.py command line

@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import clip_model  # noqa: E402
 from lpi import (CPLinear, FullRankPrompts, Interaction, LowRankPrompts, LPI, LPIConfig,  # noqa: E402
                  TaskPrompts, clip_loss, count_parameters, factor_level_loss, prompt_level_loss,
-                 task_contrastive_loss, task_similarity)
+                 standardize_tokens, task_contrastive_loss, task_targets, token_structure)
+from lpi import centroid_similarity as task_similarity  # noqa: E402  (the --task-similarity centroids source)
 
 CAPTIONS = ["a cat on a mat", "a red car", "two dogs playing in the park", "a bowl of soup",
             "a man riding a horse", "x"]
@@ -66,6 +67,7 @@ def _batch(model, B=4, seed=2):
 
 
 ACTIVE_S = torch.tensor([[1.0, 0.9], [0.9, 1.0]])  # tasks 0, 1 similar (> θ = 0.4): task loss active
+ACTIVE_Y = task_targets(ACTIVE_S, 0.4)
 
 
 # ----------------------------------------------------------------------------------------
@@ -165,7 +167,7 @@ def test_every_counted_parameter_gets_a_gradient(tiny_clip, J):
     """§2-3: every parameter counted per task is used: one backward of task t's loss reaches all of them (J = 1: no layer j ≥ 1, no interaction)."""
     model = _lpi(tiny_clip, n_tasks=2, J=J)
     images, tokens = _batch(model)
-    model.losses(images, tokens, t=1, similarity=ACTIVE_S)["total"].backward()
+    model.losses(images, tokens, t=1, targets=ACTIVE_Y)["total"].backward()
     dead = [n for n, p in model.task_prompts[1].named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not dead, f"J={J}: parameters counted by count_parameters but never used: {dead}"
     if J == 1:  # §3: modules exist "for each prompted layer j >= 1": none here
@@ -246,7 +248,7 @@ def test_one_sgd_step_changes_only_current_task(tiny_clip):
     # nothing but a None grad can keep a tensor from moving
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=2e-4)
     opt.zero_grad(set_to_none=True)
-    out = model.losses(images, tokens, t=1, similarity=ACTIVE_S)
+    out = model.losses(images, tokens, t=1, targets=ACTIVE_Y)
     assert "task" in out and out["task"].requires_grad and out["task"] > 0
     out["total"].backward()
     for name, p in model.named_parameters():
@@ -293,38 +295,100 @@ def test_clip_loss_prefers_aligned_pairs():
         torch.testing.assert_close(clip_loss(5 * img, 3 * txt, s), got)  # features are normalised
 
 
-def _layer_summary_prompts(s, D):
-    """Prompts (J, M, D) whose mean over D is exactly s (J, M), with per-feature variation."""
-    J, M = s.shape
-    wiggle = torch.randn(J, M, D)
-    wiggle = wiggle - wiggle.mean(dim=-1, keepdim=True)
-    return s[:, :, None] + wiggle
+def _structured_prompts(corr, D, g):
+    """Prompts (J, M, D) whose standardised tokens have (close to) the M x M correlations `corr` (J, M, M)."""
+    L = torch.linalg.cholesky(corr)                                   # (J, M, M)
+    Z = torch.randn(corr.shape[0], D, corr.shape[1], generator=g)     # (J, D, M) independent columns
+    return (Z @ L.transpose(1, 2)).transpose(1, 2)                    # (J, M, D)
 
 
-def test_prompt_level_loss_minimised_by_matching_layer_summaries():
-    """§4 prompt level: InfoNCE over layers of cos(mean_D P_v[j], mean_D P_t[k])/τ is lowest when summaries match layer by layer."""
-    torch.manual_seed(0)
-    J, M, D_v, D_t, tau = 5, 6, 12, 8, 0.01
-    s = torch.randn(J, M)  # distinct layers
-    P_v, P_t = _layer_summary_prompts(s, D_v), _layer_summary_prompts(s, D_t)
+def _random_corr(J, M, g):
+    A = torch.randn(J, M, 2 * M, generator=g)
+    C = A @ A.transpose(1, 2)
+    d = C.diagonal(dim1=1, dim2=2).sqrt()
+    return C / d[:, :, None] / d[:, None, :]
+
+
+def test_prompt_level_loss_minimised_by_matching_token_structure():
+    """§4 prompt level: InfoNCE over layers of cos(s_v[j], s_t[k])/τ, s = token correlations, is lowest when the layers' token structures match."""
+    g = torch.Generator().manual_seed(0)
+    J, M, D_v, D_t, tau = 5, 6, 512, 384, 0.01
+    corr = _random_corr(J, M, g)                 # distinct layers
+    P_v, P_t = _structured_prompts(corr, D_v, g), _structured_prompts(corr, D_t, g)
     matched = prompt_level_loss(P_v, P_t, tau)
     permuted = prompt_level_loss(P_v, P_t[torch.roll(torch.arange(J), 1)], tau)
-    unrelated = prompt_level_loss(P_v, _layer_summary_prompts(torch.randn(J, M), D_t), tau)
+    unrelated = prompt_level_loss(P_v, _structured_prompts(_random_corr(J, M, g), D_t, g), tau)
     assert matched < permuted and matched < unrelated
-    assert matched < 1e-3  # identical summaries, τ = 0.01: essentially one-hot
-    # a summary match does not depend on the feature width or per-feature detail
-    torch.testing.assert_close(matched, prompt_level_loss(P_v, _layer_summary_prompts(s, D_t), tau))
+    assert matched < 0.1, matched  # same structure, τ = 0.01: nearly one-hot
     # gradient descent on P_t from random init decreases the loss
-    P_t0 = torch.randn(J, M, D_t).requires_grad_(True)
+    P_t0 = torch.randn(J, M, 32, generator=g).requires_grad_(True)
     opt = torch.optim.Adam([P_t0], lr=0.05)
     first = prompt_level_loss(P_v, P_t0, tau).item()
     for _ in range(60):
         opt.zero_grad()
-        loss = prompt_level_loss(P_v, P_t0, tau)
-        loss.backward()
+        prompt_level_loss(P_v, P_t0, tau).backward()
         opt.step()
     last = prompt_level_loss(P_v, P_t0, tau).item()
     assert last < 0.5 * first, (first, last)
+
+
+def _per_token(J, M, g, low, high):
+    return low + (high - low) * torch.rand(J, M, 1, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_prompt_level_loss_sees_what_layernorm_passes_on(seed):
+    """§4 (issue: fidelity 1a) L_prompt is unchanged (1e-5) when each token is shifted x + b·1 or scaled a·x (a > 0): LayerNorm removes both."""
+    g = torch.Generator().manual_seed(seed)
+    J, M, D_v, D_t, tau = 4, 6, 48, 32, 0.01
+    P_v = 0.06 * torch.randn(J, M, D_v, generator=g, dtype=torch.float64)
+    P_t = 0.06 * torch.randn(J, M, D_t, generator=g, dtype=torch.float64)
+    ref = prompt_level_loss(P_v, P_t, tau)
+    b_v, b_t = torch.randn(J, M, 1, generator=g, dtype=torch.float64), torch.randn(J, M, 1, generator=g, dtype=torch.float64)
+    a_v, a_t = _per_token(J, M, g, 0.1, 10.0), _per_token(J, M, g, 0.1, 10.0)
+    for moved_v, moved_t in ((P_v + b_v, P_t + b_t), (a_v * P_v, a_t * P_t), (a_v * P_v + b_v, a_t * P_t + b_t)):
+        torch.testing.assert_close(prompt_level_loss(moved_v, moved_t, tau), ref, rtol=0, atol=1e-5)
+    # in fp32 too, at the scale prompts have (mean shifts comparable to their spread)
+    P32_v, P32_t = P_v.float(), P_t.float()
+    torch.testing.assert_close(prompt_level_loss(a_v.float() * P32_v + 0.05 * b_v.float(), P32_t, tau),
+                               prompt_level_loss(P32_v, P32_t, tau), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_prompt_level_loss_not_blind_to_what_layernorm_keeps(seed):
+    """§4 (issue: fidelity 1b) permuting each token's features (mean and norm kept, so the old mean_D summary is blind to it) changes L_prompt."""
+    g = torch.Generator().manual_seed(seed)
+    J, M, D_v, D_t, tau = 4, 6, 48, 32, 0.01
+    P_v, P_t = 0.06 * torch.randn(J, M, D_v, generator=g), 0.06 * torch.randn(J, M, D_t, generator=g)
+    perm = torch.stack([torch.randperm(D_v, generator=g) for _ in range(J * M)]).view(J, M, D_v)
+    shuffled = torch.gather(P_v, 2, perm)
+    torch.testing.assert_close(shuffled.mean(-1), P_v.mean(-1))           # what the authors' summary reads
+    torch.testing.assert_close(shuffled.norm(dim=-1), P_v.norm(dim=-1))
+    before, after = prompt_level_loss(P_v, P_t, tau), prompt_level_loss(shuffled, P_t, tau)
+    assert (before - after).abs() > 1e-2, (before, after)
+
+
+def test_token_structure_is_comparable_across_widths():
+    """§4: the summary is an M x M correlation structure, so D_v != D_t compare; 1 on the (left out) diagonal."""
+    g = torch.Generator().manual_seed(0)
+    P = torch.randn(3, 5, 40, generator=g)
+    s = token_structure(P)
+    assert s.shape == (3, 10)
+    Z = standardize_tokens(P)
+    torch.testing.assert_close(Z.mean(-1), torch.zeros(3, 5), atol=1e-5, rtol=0)
+    torch.testing.assert_close((Z ** 2).mean(-1), torch.ones(3, 5), atol=1e-4, rtol=0)
+    assert (s.abs() <= 1 + 1e-5).all()
+    assert prompt_level_loss(torch.randn(3, 1, 8), torch.randn(3, 1, 6), 0.01) == 0  # M = 1: no structure
+
+
+def test_prompt_level_loss_reaches_the_low_rank_factors():
+    """§4 (issue: fidelity 1c) the gradient of L_prompt (on the raw low-rank prompts) reaches A, B_v, B_t, C_v, C_t."""
+    torch.manual_seed(0)
+    prompts = LowRankPrompts(J=4, M=5, D_v=24, D_t=16, R=3, std=0.5)
+    prompt_level_loss(*prompts(), 0.01).backward()
+    for name in ("A", "B_v", "B_t", "C_v", "C_t"):
+        grad = getattr(prompts, name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
 
 
 def test_factor_level_loss_minimised_by_matching_token_factors():
@@ -370,7 +434,7 @@ def test_task_contrastive_loss_pulls_similar_pushes_dissimilar(theta, direction,
     losses = []
     for _ in range(5):
         opt.zero_grad()
-        loss = task_contrastive_loss(torch.stack([P1, P2]), S, theta, tau=0.1)
+        loss = task_contrastive_loss(torch.stack([P1, P2]), task_targets(S, theta), tau=0.1)
         losses.append(loss.item())
         loss.backward()
         opt.step()
@@ -383,12 +447,12 @@ def test_task_contrastive_loss_single_task_is_exactly_zero():
     """§5: with one task there are no off-diagonal pairs: the loss is exactly 0, not NaN, gradient 0."""
     P = torch.randn(1, 3, 4, 8, requires_grad=True)
     for S in (torch.ones(1, 1), torch.zeros(1, 1)):
-        loss = task_contrastive_loss(P, S, theta=0.4, tau=0.1)
+        loss = task_contrastive_loss(P, task_targets(S, 0.4), tau=0.1)
         assert torch.equal(loss, torch.zeros((), dtype=loss.dtype)) and not torch.isnan(loss)
         loss.backward()
         assert torch.equal(P.grad, torch.zeros_like(P))
         P.grad = None
-    loss = task_contrastive_loss(torch.zeros(1, 3, 4, 8), torch.ones(1, 1), 0.4, 0.1)
+    loss = task_contrastive_loss(torch.zeros(1, 3, 4, 8), torch.ones(1, 1), 0.1)
     assert loss.item() == 0.0
 
 
@@ -445,8 +509,8 @@ def test_losses_finite_random_and_degenerate_inputs():
         _check(lambda a, b: clip_loss(a, b, torch.tensor(math.log(100.0))), (r(B, 32), r(B, 32)), f"clip {tag}", bad)
         _check(lambda a, b: prompt_level_loss(a, b, tau_h), (r(J, M, D_v), r(J, M, D_t)), f"prompt {tag}", bad)
         _check(lambda a, b: factor_level_loss(a, b, tau_h), (r(M, R), r(M, R)), f"factor {tag}", bad)
-        _check(lambda p: task_contrastive_loss(p, S, 0.4, 0.1), (r(T, J, M, D_v),), f"task {tag}", bad)
-        _check(lambda p: task_contrastive_loss(p, S, 0.4, 0.001), (r(T, J, M, D_v),), f"task tau=1e-3 {tag}", bad)
+        _check(lambda p: task_contrastive_loss(p, task_targets(S, 0.4), 0.1), (r(T, J, M, D_v),), f"task {tag}", bad)
+        _check(lambda p: task_contrastive_loss(p, task_targets(S, 0.4), 0.001), (r(T, J, M, D_v),), f"task tau=1e-3 {tag}", bad)
     # degenerate inputs
     for dtype in (torch.float32, torch.bfloat16):
         J, M, R, D, T = 4, 5, 3, 16, 3
@@ -463,9 +527,9 @@ def test_losses_finite_random_and_degenerate_inputs():
                    f"clip {tag}", bad)
             _check(lambda a, b: prompt_level_loss(a, b, tau_h), (mk(J, M, D), mk(J, M, D)), f"prompt {tag}", bad)
             _check(lambda a, b: factor_level_loss(a, b, tau_h), (mk(M, R), mk(M, R)), f"factor {tag}", bad)
-            _check(lambda p: task_contrastive_loss(p, S, 0.4, 0.1), (mk(T, J, M, D),), f"task {tag}", bad)
+            _check(lambda p: task_contrastive_loss(p, task_targets(S, 0.4), 0.1), (mk(T, J, M, D),), f"task {tag}", bad)
             # all old prompts identical to the current one
-            _check(lambda p: task_contrastive_loss(p, S, 0.4, 0.1),
+            _check(lambda p: task_contrastive_loss(p, task_targets(S, 0.4), 0.1),
                    (torch.randn(1, J, M, D).expand(T, -1, -1, -1).to(dtype),), f"task identical {tag}", bad)
     assert not bad, "non-finite losses/gradients:\n" + "\n".join(bad)
 
@@ -478,7 +542,7 @@ def test_lpi_total_loss_finite(tiny_clip):
 
     def run(images, S, label, autocast=False):
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = model.losses(images, tokens, t=2, similarity=S)
+            out = model.losses(images, tokens, t=2, targets=task_targets(S, 0.4))
         for k, v in out.items():
             if not _finite(v):
                 bad.append(f"{label}: {k} = {v.item()}")
@@ -498,7 +562,7 @@ def test_lpi_total_loss_finite(tiny_clip):
     with torch.no_grad():
         for name in ("A", "B_v", "B_t", "C_v", "C_t"):
             getattr(model.task_prompts[2].prompts, name).zero_()
-    out = model.losses(torch.zeros(3, 3, 32, 32), tokens, t=2, similarity=torch.eye(3))
+    out = model.losses(torch.zeros(3, 3, 32, 32), tokens, t=2, targets=torch.eye(3))
     for k, v in out.items():
         if not _finite(v):
             bad.append(f"zero prompts: {k} = {v.item()}")
@@ -545,7 +609,7 @@ def test_zero_shot_J0_is_plain_clip(tiny_clip):
         for ids in (None, 0, torch.zeros(4, dtype=torch.long)):
             assert torch.equal(model.encode_image(images, ids), ref_i)
             assert torch.equal(model.encode_text(tokens, ids), ref_t)
-        out = model.losses(images, tokens, t=0, similarity=None)
+        out = model.losses(images, tokens, t=0, targets=None)
     assert set(out) == {"clip", "total"}
     assert torch.equal(out["total"], clip_loss(ref_i, ref_t, clip.logit_scale))
 
@@ -563,7 +627,7 @@ def test_switch_low_rank_false_gives_full_rank_prompts(tiny_clip):
     assert tp.prompts.P_v.shape == (cfg.J, cfg.M, model.D_v) and tp.prompts.P_t.shape == (cfg.J, cfg.M, model.D_t)
     assert sum(p.numel() for p in tp.prompts.parameters()) == cfg.J * cfg.M * (model.D_v + model.D_t)
     images, tokens = _batch(model)
-    out = model.losses(images, tokens, t=1, similarity=ACTIVE_S)
+    out = model.losses(images, tokens, t=1, targets=ACTIVE_Y)
     assert "factor" not in out and {"clip", "prompt", "task", "total"} <= set(out)
     assert isinstance(_lpi(tiny_clip, n_tasks=1).task_prompts[0].prompts, LowRankPrompts)
 
@@ -607,7 +671,7 @@ def test_switches_remove_loss_terms_and_total_arithmetic(tiny_clip):
     def losses(**kw):
         model.cfg = dataclasses.replace(base, **kw)
         with torch.no_grad():
-            return model.losses(images, tokens, t=1, similarity=ACTIVE_S)
+            return model.losses(images, tokens, t=1, targets=ACTIVE_Y)
 
     full = losses()
     assert set(full) == {"clip", "prompt", "factor", "task", "total"}
@@ -634,5 +698,5 @@ def test_switches_remove_loss_terms_and_total_arithmetic(tiny_clip):
     # the task term is absent at the first task and without a similarity matrix
     model.cfg = base
     with torch.no_grad():
-        assert "task" not in model.losses(images, tokens, t=0, similarity=ACTIVE_S)
-        assert "task" not in model.losses(images, tokens, t=1, similarity=None)
+        assert "task" not in model.losses(images, tokens, t=0, targets=ACTIVE_Y)
+        assert "task" not in model.losses(images, tokens, t=1, targets=None)

@@ -171,7 +171,11 @@ def test_parameter_accounting_at_vitb16_scale():
     p = {m: lpi.method_parameters(m, cfg, 768, 512, 512, tasks=12) for m in ("lpi", "sprompts", "l2p", "zeroshot")}
     assert p["lpi"]["prompts"] == 4 * (9 + 2 * 16 + 768 + 512) == 5284
     assert p["lpi"]["after_tasks"] == 12 * p["lpi"]["total"]
-    assert p["sprompts"]["total"] == 9 * 16 * (768 + 512) == 184320 and p["sprompts"]["interaction"] == 0
+    # S-Prompts as the authors ran it: full rank at layer 0 only (J = 1)
+    assert p["sprompts"]["total"] == 1 * 16 * (768 + 512) == 20480 and p["sprompts"]["interaction"] == 0
+    cmp = lpi.parameter_comparison(cfg, 768, 512)
+    assert cmp["LPI"]["total"] == 18156 and cmp["S-Prompts (J=1)"]["total"] == 20480
+    assert cmp["full rank (J=9)"]["total"] == 9 * 16 * (768 + 512) == 184320
     assert p["l2p"]["total"] == 10 * 9 * (16 // 5) * 768 + 10 * 512 + 9 * 16 * 512
     assert p["l2p"]["after_tasks"] == p["l2p"]["total"]  # one pool, whatever the number of tasks
     assert p["zeroshot"]["total"] == 0
