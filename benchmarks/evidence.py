@@ -42,9 +42,9 @@ ROUTED = ("lpi", "sprompts")  # the methods whose routing accuracy means somethi
 def table_rows(depth: int, quick: bool) -> list[tuple[str, str, list[str]]]:
     """(group, label, lpi.py flags) for every row of the table."""
     rows = [("method", m, ["--method", m]) for m in ("zeroshot", "seqft", "sprompts", "l2p", "joint", "lpi")]
-    rows += [("LPI ablation", flag.lstrip("-"), ["--method", "lpi", *flag.split()])
+    rows += [("LPI ablation", flag.lstrip("-").replace("alpha ", "alpha="), ["--method", "lpi", *flag.split()])
              for flag in ("--full-rank", "--no-interaction", "--no-hier-prompt", "--no-hier-factor", "--no-task-loss",
-                          "--routing oracle")]
+                          "--routing oracle", "--alpha 0")]
     rows += [("LPI rank", f"R={r}", ["--method", "lpi", "-R", str(r)]) for r in (1, 2, 4, 8, 16)]
     rows += [("LPI depth", f"J={j}", ["--method", "lpi", "-J", str(j)]) for j in (1, 2, 4)]
     rows += [("LPI depth", f"J=all ({depth})", ["--method", "lpi", "-J", str(depth)])]
@@ -128,11 +128,14 @@ def cell(mean: float, std: float) -> str:
 
 
 def parameter_table(lpi, tasks: int = 12) -> tuple[list[dict], str]:
-    """LPI vs S-Prompts vs L2P at ViT-B/16 scale (D_v=768, D_t=512, E=512, J=9, M=16, R=4)."""
+    """LPI vs S-Prompts (J = 1, as the authors ran it) vs full-rank prompts at LPI's depth vs
+    L2P, at ViT-B/16 scale (D_v=768, D_t=512, E=512, J=9, M=16, R=4)."""
     cfg = lpi.LPIConfig(J=9, M=16, R=4)
+    full = lpi.LPIConfig(J=9, M=16, R=4, low_rank=False, interaction=False)
     rows = []
-    for m, name in (("lpi", "LPI"), ("sprompts", "S-Prompts"), ("l2p", "L2P")):
-        p = lpi.method_parameters(m, cfg, 768, 512, 512, tasks=tasks)
+    for m, name, c in (("lpi", "LPI", cfg), ("sprompts", "S-Prompts (J=1)", cfg), ("lpi", "full rank (J=9)", full),
+                       ("l2p", "L2P", cfg)):
+        p = lpi.method_parameters(m, c, 768, 512, 512, tasks=tasks)
         rows.append(dict(method=name, **p))
     sp = rows[1]
     lines = [f"## Trainable parameters at ViT-B/16 scale (D_v=768, D_t=512, E=512, J=9, M=16, R=4, "
