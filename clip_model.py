@@ -515,7 +515,14 @@ def _download(name: str, root: Path) -> Path:
 
 def _read_state_dict(path: Path) -> dict:
     """OpenAI's releases are TorchScript archives; fine-tuned or converted weights are
-    usually plain torch.save'd state dicts. Try the first, then the second."""
+    usually plain torch.save'd state dicts. Try the first, then the second.
+
+    What loading trusts: a plain state dict is read with weights_only=True (tensors and
+    plain containers only: it cannot run code). torch offers no weights-only reader for
+    TorchScript archives: torch.jit.load unpickles with TorchScript's own restricted
+    unpickler (no arbitrary Python objects) but compiles the TorchScript code inside the
+    archive. So only pass archives from a source you trust; the released names are
+    downloaded from OpenAI and checked against their SHA-256."""
     errors = []
     try:
         return torch.jit.load(str(path), map_location="cpu").state_dict()

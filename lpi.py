@@ -24,7 +24,9 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
+import socket
 import sys
 from collections import Counter, defaultdict
 from contextlib import contextmanager
@@ -2012,6 +2014,16 @@ def augment_tensors(x: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
+def check_finite(tensors: dict[str, torch.Tensor], where: str, what: str) -> None:
+    """No silent NaN: a non-finite loss term, gradient or parameter stops the run with a
+    message naming the task, the step and the term. Every finished task stays checkpointed
+    (the current one is not written), so --resume with other settings continues from there."""
+    bad = [name for name, v in tensors.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise LPIError(f"{where}: non-finite {what} ({', '.join(bad)}); stopped. The last good checkpoint (if any) "
+                       f"holds every finished task: lower --lr, raise the temperatures, or check the data")
+
+
 def train_task(model: LPI, t: int, data: ImageCaptionSet, run: "RunSettings",
                targets: torch.Tensor | None) -> dict[str, float]:
     """Train task t's parameters (only those) on its pairs: SGD with momentum, cosine
@@ -2031,6 +2043,7 @@ def train_task(model: LPI, t: int, data: ImageCaptionSet, run: "RunSettings",
     model.train()
     bar = tqdm(total=total, desc=f"task {t + 1} train", disable=not run.progress)
     running: dict[str, float] = {}
+    step = 0
     for epoch in range(run.epochs):
         order, pick = training_pairs(data, run.per_caption, g)
         for x, pos, ok in image_batches(data, order, run.batch_size, preprocess, run.workers):
@@ -2045,9 +2058,15 @@ def train_task(model: LPI, t: int, data: ImageCaptionSet, run: "RunSettings",
             tokens = model.tokenize(caps).to(run.device)
             with autocast(run.device):
                 losses = model.losses(x.to(run.device), tokens, t, targets)
+            step += 1
+            where = f"task {t + 1}, step {step} of {total}"
+            check_finite({k: v for k, v in losses.items() if k != "total"}, where, "loss term")
             opt.zero_grad(set_to_none=True)
             losses["total"].backward()
+            check_finite({f"gradient of {n}": p.grad for n, p in model.named_parameters()
+                          if p.requires_grad and p.grad is not None}, where, "value")
             opt.step()
+            check_finite({n: p for n, p in model.named_parameters() if p.requires_grad}, where, "parameter")
             sched.step()
             for k, v in losses.items():  # exponential moving average for the progress bar
                 running[k] = v.item() if k not in running else 0.9 * running[k] + 0.1 * v.item()
@@ -2165,6 +2184,73 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
+CHECKPOINT_KEYS = {"config", "done", "learned", "router", "centroids_img", "centroids_txt", "results"}
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A run's checkpoint, read with weights_only=True: tensors and plain containers only
+    (configs and results are dicts of numbers and strings), so a checkpoint someone hands
+    you cannot run code on your machine. Anything else is refused with one message."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LPIError(f"{path} was refused: it holds objects other than tensors and plain data, which could run "
+                       f"code when unpickled (checkpoints are read with weights_only=True). Detail: {first}") from None
+    except Exception as e:  # noqa: BLE001 - truncated or not a torch file: one clear message
+        raise LPIError(f"{path} is not a readable checkpoint ({type(e).__name__}): corrupt or truncated? "
+                       f"Delete it to redo that task with --resume, or choose another --out") from None
+    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= set(ckpt):
+        raise LPIError(f"{path} is not a checkpoint of lpi.py (expected a dict with {', '.join(sorted(CHECKPOINT_KEYS))})")
+    return ckpt
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(out: Path):
+    """One run per output folder: <out>/.lock holds "pid host" while a run writes there and
+    is removed on exit. A lock left by a killed run (its process gone) is stale and taken
+    over; a lock of a live process, or of another host, is refused with a message."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LPIError(f"--out {out} cannot be created: {e.strerror or e}") from None
+    lock, me = out / ".lock", f"{os.getpid()} {socket.gethostname()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            pid, _, host = lock.read_text().partition(" ")
+            if host.strip() != socket.gethostname() or not pid.isdigit() or _pid_alive(int(pid)):
+                raise LPIError(f"{out} is in use by another run (process {pid} on {host.strip() or '?'}; lock file "
+                               f"{lock}). Wait for it, or delete the lock file if no such run is alive") from None
+            print(f"note: removing the stale lock of a run that is gone (process {pid})")
+            lock.unlink(missing_ok=True)
+        except OSError as e:
+            raise LPIError(f"--out {out} is not writable: {e.strerror or e}") from None
+    else:
+        raise LPIError(f"{out}: could not take the lock {lock}")
+    os.write(fd, me.encode())
+    os.close(fd)
+    for tmp in list(out.glob(".*.tmp*")) + list((out / "checkpoints").glob(".*.tmp*")):
+        tmp.unlink(missing_ok=True)  # half-written files of an interrupted run (never read)
+    try:
+        yield
+    finally:
+        if lock.is_file() and lock.read_text() == me:
+            lock.unlink()
+
+
 def record_task_relations(results: dict, S: torch.Tensor, theta: float, source: str) -> torch.Tensor:
     """Put the task similarity S and its targets Y in results, print how Y splits the
     pairs, and return Y."""
@@ -2205,7 +2291,7 @@ def run_continual(model: LPI, tasks: list[Task], run: RunSettings, out: Path, co
     start = 0
     ckpt_path = latest_checkpoint(out)
     if resume and ckpt_path is not None:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint(ckpt_path)
         differ = sorted(k for k in set(config) | set(ckpt["config"])
                         if k not in _RESUME_FREE and config.get(k) != ckpt["config"].get(k))
         if differ:
@@ -2521,13 +2607,18 @@ def main(argv: list[str] | None = None) -> int:
                           augment=args.augment == "on" or (args.augment == "auto" and not all_builtin),
                           per_caption=args.pairs == "per-caption", progress=args.progress,
                           joint=args.method == "joint")
-        results = run_continual(model, tasks, run, out, config, resume=args.resume)
-        plot_recall(results, out / "recall_r1.png")
+        with run_lock(out):
+            results = run_continual(model, tasks, run, out, config, resume=args.resume)
+            plot_recall(results, out / "recall_r1.png")
         print(format_table(results))
         print(f"wrote {out / 'results.json'} and {out / 'recall_r1.png'}")
         return 0
     except (LPIError, clip_model.CLIPLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. the disk is full or --out became unwritable mid-run
+        print(f"error: {e.strerror or e}: {e.filename or ''} (every finished task is checkpointed; "
+              f"continue with --resume)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: every finished task is checkpointed; continue with --resume", file=sys.stderr)
