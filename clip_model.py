@@ -398,6 +398,14 @@ class CLIPConfig:
 TINY = CLIPConfig(embed_dim=128, image_resolution=32, vision_layers=4, vision_width=128,
                   vision_patch_size=8, context_length=32, transformer_width=128, transformer_layers=4)
 
+# The released architectures, for building one with random weights (lpi.py --clip random:NAME).
+ARCHITECTURES = {
+    "ViT-B/32": CLIPConfig(vision_patch_size=32),
+    "ViT-B/16": CLIPConfig(),
+    "ViT-L/14": CLIPConfig(embed_dim=768, vision_layers=24, vision_width=1024, vision_patch_size=14,
+                           transformer_width=768),
+}
+
 
 class CLIPLoadError(RuntimeError):
     """A checkpoint that cannot become a CLIP model; the message says why and what to pass."""

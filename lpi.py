@@ -1912,7 +1912,8 @@ def image_batches(data: ImageCaptionSet, order: list[int], batch_size: int, prep
             yield normalize_images(data.images[idx]), torch.arange(s, s + len(idx)), torch.ones(len(idx), dtype=torch.bool)
         return
     ds = torch.utils.data.Subset(ImageFileDataset(data, preprocess, mode="images"), order)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, shuffle=False)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, shuffle=False,
+                                         pin_memory=torch.cuda.is_available())  # page-locked: faster copies to the GPU
     s = 0
     for x, _, ok in loader:
         yield x, torch.arange(s, s + len(x)), ok
@@ -1927,11 +1928,21 @@ def union(sets: list[ImageCaptionSet]) -> ImageCaptionSet:
     return ImageCaptionSet([p for s in sets for p in s.images], caps)
 
 
-def autocast(device: torch.device):
-    """bf16 mixed precision on CUDA; plain fp32 elsewhere (CPU bf16 matmuls are slow)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_precision(device: torch.device) -> str:
+    """--precision auto: bf16 on a CUDA device that supports it, fp32 elsewhere (CPU bf16
+    matmuls are slower than fp32 on most CPUs)."""
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def autocast(device: torch.device, precision: str = "fp32"):
+    """Mixed precision for the frozen encoders' matmuls. The learned prompts stay fp32
+    (master weights: the optimiser never sees a half-precision copy) and every loss casts
+    its inputs to fp32 before the softmax."""
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 @torch.no_grad()
@@ -1948,7 +1959,7 @@ def encode_set(model: LPI, data: ImageCaptionSet, run: "RunSettings", img_task=N
     bar = tqdm(total=len(order), desc=progress, leave=False, disable=progress is None or not run.progress)
     for x, pos, ok in image_batches(data, order, run.batch_size, run.preprocess, run.workers):
         ids = None if img_task is None else img_task[pos].to(dev)
-        with autocast(dev):
+        with autocast(dev, run.precision):
             img_feats.append(model.encode_image(x.to(dev), ids).float().cpu())
         ok_all.append(ok)
         bar.update(len(x))
@@ -1962,7 +1973,7 @@ def encode_set(model: LPI, data: ImageCaptionSet, run: "RunSettings", img_task=N
         tokens = (model.tokenize(batch) if cap_task is not None
                   else clip_model.tokenize(batch, model.clip.context_length, truncate=True)).to(dev)
         ids = None if cap_task is None else cap_task[s:s + run.batch_size].to(dev)
-        with autocast(dev):
+        with autocast(dev, run.precision):
             cap_feats.append(model.encode_text(tokens, ids).float().cpu())
     return torch.cat(img_feats), torch.cat(cap_feats), cap2img, torch.cat(ok_all)
 
@@ -2038,6 +2049,7 @@ def train_task(model: LPI, t: int, data: ImageCaptionSet, run: "RunSettings",
     total = run.epochs * math.ceil(n_pairs / run.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / total)))
     g = torch.Generator().manual_seed(run.seed * 1000 + t)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=run.precision == "fp16" and run.device.type == "cuda")
     files = not isinstance(data.images, torch.Tensor)
     preprocess = train_transform(model.clip.visual.input_resolution) if run.augment and files else run.preprocess
     model.train()
@@ -2056,16 +2068,18 @@ def train_task(model: LPI, t: int, data: ImageCaptionSet, run: "RunSettings",
             if run.augment and not files:
                 x = augment_tensors(x)
             tokens = model.tokenize(caps).to(run.device)
-            with autocast(run.device):
+            with autocast(run.device, run.precision):
                 losses = model.losses(x.to(run.device), tokens, t, targets)
             step += 1
             where = f"task {t + 1}, step {step} of {total}"
             check_finite({k: v for k, v in losses.items() if k != "total"}, where, "loss term")
             opt.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            check_finite({f"gradient of {n}": p.grad for n, p in model.named_parameters()
-                          if p.requires_grad and p.grad is not None}, where, "value")
-            opt.step()
+            scaler.scale(losses["total"]).backward()
+            if not scaler.is_enabled():  # with fp16 loss scaling, inf gradients are expected: the step is skipped
+                check_finite({f"gradient of {n}": p.grad for n, p in model.named_parameters()
+                              if p.requires_grad and p.grad is not None}, where, "value")
+            scaler.step(opt)
+            scaler.update()
             check_finite({n: p for n, p in model.named_parameters() if p.requires_grad}, where, "parameter")
             sched.step()
             for k, v in losses.items():  # exponential moving average for the progress bar
@@ -2093,6 +2107,7 @@ class RunSettings:
     route_metric: str = "cosine"  # k-means and routing metric (see TaskRouter)
     augment: bool = False         # the authors' crop + flip of training images
     per_caption: bool = True      # an epoch visits every caption (else every image) once
+    precision: str = "fp32"       # autocast dtype of the frozen encoders: fp32 | bf16 | fp16
     progress: bool = True
     joint: bool = False   # train once on all tasks' data (the joint upper bound)
 
@@ -2265,7 +2280,7 @@ def record_task_relations(results: dict, S: torch.Tensor, theta: float, source: 
 
 
 # Settings that may differ between an interrupted run and its --resume.
-_RESUME_FREE = {"resume", "out", "device", "workers", "progress"}
+_RESUME_FREE = {"resume", "out", "device", "workers", "progress", "precision"}
 
 
 def run_continual(model: LPI, tasks: list[Task], run: RunSettings, out: Path, config: dict,
@@ -2460,8 +2475,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated tasks in training order: built-in names "
                         f"({', '.join(BUILTIN_TASKS)}), coco, flickr, coco:supercategory (the paper's 12 tasks)")
     g.add_argument("--data-root", default=None, help="folder with coco/ and flickr30k/ in the Karpathy layout")
-    g.add_argument("--clip", default="tiny", help="tiny (pre-trained here, cached), ViT-B/16, ViT-B/32, "
-                   "ViT-L/14, or the path of a CLIP checkpoint")
+    g.add_argument("--clip", default="tiny", help="tiny (the built-in world's, shipped), ViT-B/16, ViT-B/32, "
+                   "ViT-L/14 (OpenAI's weights, downloaded once), the path of a CLIP checkpoint, or random:NAME "
+                   "(NAME's architecture with random weights, for smoke tests and timings)")
     g.add_argument("--cache-dir", default=os.environ.get("LPI_CACHE", str(Path.home() / ".cache" / "lpi")),
                    help="where the tiny CLIP is cached (env LPI_CACHE)")
     g.add_argument("--pretrain-steps", type=int, default=PRETRAIN_DEFAULTS["steps"],
@@ -2521,6 +2537,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "random caption (no two captions of an image in a batch)")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, order and subsampling")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    g.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
+                   help="autocast dtype of the frozen encoders (prompts and losses stay fp32); auto: bf16 on a "
+                        "CUDA device that supports it, else fp32")
     g.add_argument("--workers", type=int, default=2, help="image-loading processes for file data sets")
     g.add_argument("--out", default="runs/default", help="output folder: results.json, recall_r1.png, checkpoints/")
     g.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished task")
@@ -2564,7 +2583,17 @@ def pick_device(name: str) -> torch.device:
 
 
 def load_backbone(args: argparse.Namespace, device: torch.device):
-    """-> (CLIP, preprocess, is_tiny)."""
+    """-> (CLIP, preprocess, is_tiny). random:NAME is NAME's architecture with random weights
+    (seeded by --seed): for smoke tests and timings where no checkpoint can be downloaded."""
+    if args.clip.startswith("random:"):
+        name = args.clip.partition(":")[2]
+        if name not in clip_model.ARCHITECTURES:
+            raise LPIError(f"--clip {args.clip}: unknown architecture; expected random: followed by one of "
+                           f"{', '.join(clip_model.ARCHITECTURES)}")
+        torch.manual_seed(args.seed)
+        cfg = clip_model.ARCHITECTURES[name]
+        model = clip_model.CLIP(cfg).requires_grad_(False).eval()
+        return model.to(device), clip_model.preprocess_for(cfg.image_resolution), False
     if args.clip == "tiny":
         model = load_or_build_tiny_clip(args.cache_dir, steps=args.pretrain_steps, progress=args.progress)
         return model.to(device), clip_model.preprocess_for(model.visual.input_resolution), True
@@ -2606,6 +2635,7 @@ def main(argv: list[str] | None = None) -> int:
                           keys_k=args.keys, routing=args.routing, route_metric=args.route_metric,
                           augment=args.augment == "on" or (args.augment == "auto" and not all_builtin),
                           per_caption=args.pairs == "per-caption", progress=args.progress,
+                          precision=default_precision(device) if args.precision == "auto" else args.precision,
                           joint=args.method == "joint")
         with run_lock(out):
             results = run_continual(model, tasks, run, out, config, resume=args.resume)
