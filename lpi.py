@@ -29,9 +29,9 @@ import random
 import socket
 import sys
 from collections import Counter, defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import lru_cache
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -456,19 +456,21 @@ class LPI(nn.Module):
     def encode_text(self, tokens: torch.Tensor, task_ids: torch.Tensor | int | None = None) -> torch.Tensor:
         return self.clip.encode_text(tokens, self._prompts_for(task_ids, 1))
 
-    def losses(self, images: torch.Tensor, tokens: torch.Tensor, t: int,
-               targets: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def losses(self, images: torch.Tensor, tokens: torch.Tensor, t: int, targets: torch.Tensor | None,
+               gather: Callable | None = None) -> dict[str, torch.Tensor]:
         """All loss terms for a batch of task t's pairs (LPI_SPEC §7), with task t's prompts
         built once: L = L_clip + λ_h (L_prompt + L_factor) + λ_task (L_task_v + L_task_t) / 2.
-        targets: the (T, T) 0/1 task-relation matrix Y (task_targets), or None."""
-        cfg = self.cfg
+        targets: the (T, T) 0/1 task-relation matrix Y (task_targets), or None. gather:
+        features of this process -> those of the global batch (several processes)."""
+        cfg, gather = self.cfg, gather or (lambda f: f)
         if not self.prompted:
-            loss = clip_loss(self.clip.encode_image(images), self.clip.encode_text(tokens), self.clip.logit_scale)
+            loss = clip_loss(gather(self.clip.encode_image(images)), gather(self.clip.encode_text(tokens)),
+                             self.clip.logit_scale)
             return {"clip": loss, "total": loss}
         tp = self.task_prompts[0 if self.shared else t]
         raw_v, raw_t = tp.raw()                                   # (J, M, D_v), (J, M, D_t): before interaction
         P_v, P_t = tp.interact(raw_v, raw_t)                      # as inserted into the encoders
-        out = {"clip": clip_loss(self.clip.encode_image(images, P_v), self.clip.encode_text(tokens, P_t),
+        out = {"clip": clip_loss(gather(self.clip.encode_image(images, P_v)), gather(self.clip.encode_text(tokens, P_t)),
                                  self.clip.logit_scale)}
         total = out["clip"]
         if cfg.hier_prompt:
@@ -632,11 +634,12 @@ class L2P(nn.Module):
     def encode_text(self, tokens: torch.Tensor, task_ids: torch.Tensor | int | None = None) -> torch.Tensor:
         return self.clip.encode_text(tokens, None if task_ids is None else self.P_t)
 
-    def losses(self, images: torch.Tensor, tokens: torch.Tensor, t: int,
-               targets: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def losses(self, images: torch.Tensor, tokens: torch.Tensor, t: int, targets: torch.Tensor | None,
+               gather: Callable | None = None) -> dict[str, torch.Tensor]:
         """L = L_clip + λ · L_key (t and the task relations play no part)."""
+        gather = gather or (lambda f: f)
         img, cos = self._prompted_image(images)
-        out = {"clip": clip_loss(img, self.encode_text(tokens, t), self.clip.logit_scale),
+        out = {"clip": clip_loss(gather(img), gather(self.encode_text(tokens, t)), self.clip.logit_scale),
                "key": key_matching_loss(cos)}
         out["total"] = out["clip"] + self.l2p.lambda_key * out["key"]
         return out
@@ -1901,23 +1904,25 @@ def recall_at_k(sim: Tensor, cap2img: Tensor, ks=(1, 5, 10),
 # §7  The continual loop: train task t, fit its keys, evaluate all seen tasks, checkpoint
 # ========================================================================================
 
-def image_batches(data: ImageCaptionSet, order: list[int], batch_size: int, preprocess, workers: int):
-    """Yield (images (b, 3, H, W) float, positions in `order`, ok (b,) bool) in `order`.
-    Built-in sets are tensors already at the model's resolution: slice and normalise.
+def image_batches(data: ImageCaptionSet, batches: list[list[int]], preprocess, workers: int):
+    """Yield (images (b, 3, H, W) float, ok (b,) bool) for each list of image indices.
+    Built-in sets are tensors already at the model's resolution: index and normalise.
     File sets go through a DataLoader; a missing or corrupt file comes back with ok=False
     (the worker cannot count it for us: the caller does)."""
     if isinstance(data.images, torch.Tensor):
-        for s in range(0, len(order), batch_size):
-            idx = torch.tensor(order[s:s + batch_size])
-            yield normalize_images(data.images[idx]), torch.arange(s, s + len(idx)), torch.ones(len(idx), dtype=torch.bool)
+        for idx in batches:
+            yield normalize_images(data.images[torch.tensor(idx, dtype=torch.long)]), torch.ones(len(idx), dtype=torch.bool)
         return
-    ds = torch.utils.data.Subset(ImageFileDataset(data, preprocess, mode="images"), order)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, shuffle=False,
+    ds = ImageFileDataset(data, preprocess, mode="images")
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers,
                                          pin_memory=torch.cuda.is_available())  # page-locked: faster copies to the GPU
-    s = 0
     for x, _, ok in loader:
-        yield x, torch.arange(s, s + len(x)), ok
-        s += len(x)
+        yield x, ok
+
+
+def in_batches(items: range | list, size: int) -> list:
+    """Consecutive chunks of `size` (the last one shorter)."""
+    return [items[s:s + size] for s in range(0, len(items), size)]
 
 
 def union(sets: list[ImageCaptionSet]) -> ImageCaptionSet:
@@ -1950,15 +1955,17 @@ def encode_set(model: LPI, data: ImageCaptionSet, run: "RunSettings", img_task=N
                progress: str | None = None):
     """Encode every image and every caption of a set, with per-item task prompts (None:
     frozen CLIP). Returns image feats (N, E), caption feats (N_cap, E), cap2img (N_cap,),
-    ok (N,) bool (False: unreadable image, to be left out of the pool)."""
+    ok (N,) bool (False: unreadable image, to be left out of the pool). With several
+    processes each encodes a contiguous shard and every process gets the whole set back."""
     from tqdm import tqdm
 
-    dev = run.device
-    img_feats, ok_all = [], []
-    order = list(range(len(data)))
-    bar = tqdm(total=len(order), desc=progress, leave=False, disable=progress is None or not run.progress)
-    for x, pos, ok in image_batches(data, order, run.batch_size, run.preprocess, run.workers):
-        ids = None if img_task is None else img_task[pos].to(dev)
+    dev, E = run.device, model.clip.cfg.embed_dim
+    images = shard(range(len(data)), run.dist)
+    img_feats, ok_all = [torch.zeros(0, E)], [torch.zeros(0, dtype=torch.bool)]
+    bar = tqdm(total=len(images), desc=progress, leave=False, disable=progress is None or not run.progress)
+    for idx, (x, ok) in zip(in_batches(images, run.batch_size),
+                            image_batches(data, in_batches(list(images), run.batch_size), run.preprocess, run.workers)):
+        ids = None if img_task is None else img_task[list(idx)].to(dev)
         with autocast(dev, run.precision):
             img_feats.append(model.encode_image(x.to(dev), ids).float().cpu())
         ok_all.append(ok)
@@ -1966,16 +1973,132 @@ def encode_set(model: LPI, data: ImageCaptionSet, run: "RunSettings", img_task=N
     bar.close()
     captions = [c for caps in data.captions for c in caps]
     cap2img = torch.tensor([i for i, caps in enumerate(data.captions) for _ in caps], dtype=torch.long)
-    cap_feats = []
-    for s in range(0, len(captions), run.batch_size):
-        batch = captions[s:s + run.batch_size]
+    cap_feats = [torch.zeros(0, E)]
+    for idx in in_batches(shard(range(len(captions)), run.dist), run.batch_size):
+        batch = [captions[i] for i in idx]
         # frozen CLIP (no task ids) reads plain captions, without the M prompt placeholders
         tokens = (model.tokenize(batch) if cap_task is not None
                   else clip_model.tokenize(batch, model.clip.context_length, truncate=True)).to(dev)
-        ids = None if cap_task is None else cap_task[s:s + run.batch_size].to(dev)
+        ids = None if cap_task is None else cap_task[list(idx)].to(dev)
         with autocast(dev, run.precision):
             cap_feats.append(model.encode_text(tokens, ids).float().cpu())
-    return torch.cat(img_feats), torch.cat(cap_feats), cap2img, torch.cat(ok_all)
+    return (gather_rows(torch.cat(img_feats), run.dist), gather_rows(torch.cat(cap_feats), run.dist), cap2img,
+            gather_rows(torch.cat(ok_all), run.dist))
+
+
+# ---------------------------------------------------------------------------------------
+# Several processes (torchrun): what each one does, and the few collectives they share
+#
+# `torchrun --nproc_per_node N lpi.py ...` starts N copies; each trains on its share of every
+# global batch, encodes its shard of every set, and gets the others' results back. Only the
+# current task's prompts train, so gradients are small: they are averaged with one
+# all-reduce per step (no DistributedDataParallel wrapper needed). Only process 0 prints
+# and writes files.
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    """This process's place among the processes of a run (1 process: rank 0 of 1)."""
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
+    """Join the process group torchrun set up (NCCL on CUDA, gloo on the CPU); one GPU per
+    process. Without torchrun (WORLD_SIZE unset or 1): a single process, nothing to join."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(), device
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size()), device
+
+
+def shard(items: range | list, d: Dist) -> range | list:
+    """This process's contiguous share of `items` (sizes differ by at most one)."""
+    n, r, w = len(items), d.rank, d.world
+    return items[r * n // w:(r + 1) * n // w]
+
+
+def _comm_device() -> torch.device:
+    """Where collectives run: NCCL moves CUDA tensors only, gloo CPU ones."""
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _gather(x: torch.Tensor, d: Dist) -> list[torch.Tensor]:
+    """Every process's x (rows may differ in number), in rank order; no gradient."""
+    import torch.distributed as dist
+
+    dev = _comm_device()
+    sizes = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(d.world)]
+    dist.all_gather(sizes, torch.tensor([len(x)], device=dev))
+    most = int(max(sizes))
+    padded = torch.cat([x.detach().to(dev), x.new_zeros(most - len(x), *x.shape[1:], device=dev)])
+    parts = [torch.empty_like(padded) for _ in range(d.world)]
+    dist.all_gather(parts, padded.contiguous())
+    return [part[: int(n)].to(x.device) for part, n in zip(parts, sizes)]
+
+
+def gather_rows(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Every process's rows (shards of different lengths), concatenated in rank order."""
+    return x if d.world == 1 else torch.cat(_gather(x, d))
+
+
+def gather_with_grad(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """gather_rows, with this process's own rows still attached to its graph: the global
+    contrastive loss then sends each process the gradient of its own rows."""
+    if d.world == 1:
+        return x
+    parts = _gather(x, d)
+    parts[d.rank] = x
+    return torch.cat(parts)
+
+
+def all_reduce_ints(values: list[int], d: Dist) -> list[int]:
+    """Sum of each value over the processes (itself with one process)."""
+    if d.world == 1:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.long, device=_comm_device())
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def average_gradients(params: list[torch.Tensor], d: Dist) -> None:
+    """All processes end the step with the mean of their gradients (one flat all-reduce)."""
+    if d.world == 1:
+        return
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads]).to(_comm_device())
+    dist.all_reduce(flat)
+    flat /= d.world
+    for p, part in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = part.view_as(p).to(p.device, copy=True)
+
+
+def broadcast_(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Process 0's tensor, in place on every process (computed once, the same everywhere)."""
+    if d.world > 1:
+        import torch.distributed as dist
+
+        y = x.to(_comm_device())
+        dist.broadcast(y, 0)
+        x.copy_(y)
+    return x
 
 
 # ---------------------------------------------------------------------------------------
@@ -2038,15 +2161,20 @@ def check_finite(tensors: dict[str, torch.Tensor], where: str, what: str) -> Non
 def train_task(model: LPI, t: int, data: ImageCaptionSet, run: "RunSettings",
                targets: torch.Tensor | None) -> dict[str, float]:
     """Train task t's parameters (only those) on its pairs: SGD with momentum, cosine
-    schedule (LPI_SPEC §7), the recipe switches above. targets: the task relations Y."""
+    schedule (LPI_SPEC §7), the recipe switches above. targets: the task relations Y.
+    With N processes a global batch of N * batch_size pairs is split among them in order
+    (a last batch of fewer than N pairs is dropped), so they train as one process would
+    with the global batch. Returns {"running": the loss terms' moving averages,
+    "first_steps": the exact terms of the first 5 steps}."""
     from tqdm import tqdm
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        return {}
+        return {"running": {}, "first_steps": []}
     opt = torch.optim.SGD(params, lr=run.lr, momentum=0.9, weight_decay=run.weight_decay)
     n_pairs = sum(map(len, data.captions)) if run.per_caption else len(data)
-    total = run.epochs * math.ceil(n_pairs / run.batch_size)
+    G = run.batch_size * run.dist.world                                     # the global batch
+    total = run.epochs * len([b for b in in_batches(range(n_pairs), G) if len(b) >= run.dist.world])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / total)))
     g = torch.Generator().manual_seed(run.seed * 1000 + t)
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.precision == "fp16" and run.device.type == "cuda")
@@ -2054,41 +2182,60 @@ def train_task(model: LPI, t: int, data: ImageCaptionSet, run: "RunSettings",
     preprocess = train_transform(model.clip.visual.input_resolution) if run.augment and files else run.preprocess
     model.train()
     bar = tqdm(total=total, desc=f"task {t + 1} train", disable=not run.progress)
-    running: dict[str, float] = {}
-    step = 0
+    running, first_steps, step = {}, [], 0
     for epoch in range(run.epochs):
         order, pick = training_pairs(data, run.per_caption, g)
-        for x, pos, ok in image_batches(data, order, run.batch_size, preprocess, run.workers):
-            caps = [data.captions[order[p]][pick[p]] for p in pos.tolist()]
-            keep = ok.nonzero().flatten()
-            if len(keep) < 2:  # a contrastive loss needs at least one negative
-                bar.update(1)
-                continue
-            x, caps = x[keep], [caps[i] for i in keep.tolist()]
-            if run.augment and not files:
-                x = augment_tensors(x)
-            tokens = model.tokenize(caps).to(run.device)
-            with autocast(run.device, run.precision):
-                losses = model.losses(x.to(run.device), tokens, t, targets)
+        mine = [shard(b, run.dist) for b in in_batches(range(len(order)), G) if len(b) >= run.dist.world]
+        batches = image_batches(data, [[order[p] for p in P] for P in mine], preprocess, run.workers)
+        for P, (x, ok) in zip(mine, batches):
+            caps = [data.captions[order[p]][pick[p]] for p in P]
             step += 1
-            where = f"task {t + 1}, step {step} of {total}"
-            check_finite({k: v for k, v in losses.items() if k != "total"}, where, "loss term")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(losses["total"]).backward()
-            if not scaler.is_enabled():  # with fp16 loss scaling, inf gradients are expected: the step is skipped
-                check_finite({f"gradient of {n}": p.grad for n, p in model.named_parameters()
-                              if p.requires_grad and p.grad is not None}, where, "value")
-            scaler.step(opt)
-            scaler.update()
-            check_finite({n: p for n, p in model.named_parameters() if p.requires_grad}, where, "parameter")
-            sched.step()
-            for k, v in losses.items():  # exponential moving average for the progress bar
-                running[k] = v.item() if k not in running else 0.9 * running[k] + 0.1 * v.item()
-            bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()})
+            losses = train_step(model, opt, scaler, x, ok, caps, t, targets, run,
+                                where=f"task {t + 1}, step {step} of {total}", files=files)
+            if losses is not None:
+                sched.step()
+                values = {k: v.item() for k, v in losses.items()}
+                running = {k: v if k not in running else 0.9 * running[k] + 0.1 * v for k, v in values.items()}
+                first_steps += [values] if len(first_steps) < 5 else []
+                bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()})
             bar.update(1)
     bar.close()
     model.eval()
-    return running
+    return {"running": running, "first_steps": first_steps}
+
+
+def train_step(model: LPI, opt, scaler, x: torch.Tensor, ok: torch.Tensor, caps: list[str], t: int,
+               targets, run: "RunSettings", where: str, files: bool) -> dict | None:
+    """One optimiser step on this process's share of a global batch; None if skipped.
+
+    With N processes the contrastive loss sees the global batch (gather_with_grad), and
+    each process's gradient of it reaches only its own rows; averaging the gradients over
+    processes would divide the sum of those shares by N, so the CLIP term enters the
+    backward pass N times. The other terms depend on the prompts alone, are the same on
+    every process, and their average is themselves."""
+    keep = ok.nonzero().flatten()
+    counts = all_reduce_ints([len(keep), -len(keep)], run.dist)       # global sum, and minus the global min
+    if counts[0] < 2 or -counts[1] < 1:  # a contrastive loss needs a negative; every process needs a share
+        return None
+    x, caps = x[keep], [caps[i] for i in keep.tolist()]
+    if run.augment and not files:
+        x = augment_tensors(x)
+    tokens = model.tokenize(caps).to(run.device)
+    gather = (lambda f: gather_with_grad(f, run.dist)) if run.dist.world > 1 else None
+    with autocast(run.device, run.precision):
+        losses = model.losses(x.to(run.device), tokens, t, targets, gather=gather)
+    check_finite({k: v for k, v in losses.items() if k != "total"}, where, "loss term")
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(losses["total"] + (run.dist.world - 1) * losses["clip"]).backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    average_gradients(params, run.dist)
+    if not scaler.is_enabled():  # with fp16 loss scaling, inf gradients are expected: the step is skipped
+        check_finite({f"gradient of {n}": p.grad for n, p in model.named_parameters()
+                      if p.requires_grad and p.grad is not None}, where, "value")
+    scaler.step(opt)
+    scaler.update()
+    check_finite({n: p for n, p in model.named_parameters() if p.requires_grad}, where, "parameter")
+    return losses
 
 
 @dataclass
@@ -2108,6 +2255,7 @@ class RunSettings:
     augment: bool = False         # the authors' crop + flip of training images
     per_caption: bool = True      # an epoch visits every caption (else every image) once
     precision: str = "fp32"       # autocast dtype of the frozen encoders: fp32 | bf16 | fp16
+    dist: Dist = field(default_factory=Dist)  # this process among torchrun's (1 of 1 without it)
     progress: bool = True
     joint: bool = False   # train once on all tasks' data (the joint upper bound)
 
@@ -2266,7 +2414,8 @@ def run_lock(out: Path):
             lock.unlink()
 
 
-def record_task_relations(results: dict, S: torch.Tensor, theta: float, source: str) -> torch.Tensor:
+def record_task_relations(results: dict, S: torch.Tensor, theta: float, source: str,
+                          verbose: bool = True) -> torch.Tensor:
     """Put the task similarity S and its targets Y in results, print how Y splits the
     pairs, and return Y."""
     Y = task_targets(S, theta)
@@ -2274,7 +2423,7 @@ def record_task_relations(results: dict, S: torch.Tensor, theta: float, source: 
     pos, neg = int(Y[off].sum()) // 2, int((1 - Y[off]).sum()) // 2
     results["task_similarity"] = [[round(float(v), 6) for v in row] for row in S]
     results["task_targets"] = Y.int().tolist()
-    if len(S) > 1:
+    if len(S) > 1 and verbose:
         print(f"task similarity ({source}): {pos} related and {neg} unrelated pairs of tasks (θ = {theta})")
     return Y
 
@@ -2291,11 +2440,12 @@ def run_continual(model: LPI, tasks: list[Task], run: RunSettings, out: Path, co
     finished task; per-task seeds make the result identical to an uninterrupted run."""
     import time
 
-    T = len(tasks)
+    T, main = len(tasks), run.dist.main
+    say = print if main else (lambda *a, **k: None)    # with torchrun, process 0 speaks and writes
     router = TaskRouter(seed=run.seed, metric=run.route_metric)
     theta, by_names = model.cfg.theta, model.cfg.task_similarity == "names"
     # §5: with "names" the relations of all T tasks are known from their names before training
-    S_names = name_similarity(model.clip, [tk.readable for tk in tasks]) if by_names else None
+    S_names = broadcast_(name_similarity(model.clip, [tk.readable for tk in tasks]), run.dist) if by_names else None
     cent_img, cent_txt = [], []
     nan_matrix = lambda: [[None] * T for _ in range(T)]  # noqa: E731
     results = {"config": config, "tasks": [t.name for t in tasks],
@@ -2320,12 +2470,12 @@ def run_continual(model: LPI, tasks: list[Task], run: RunSettings, out: Path, co
         cent_img, cent_txt = list(ckpt["centroids_img"]), list(ckpt["centroids_txt"])
         results = ckpt["results"]
         results["config"] = config
-        print(f"resuming after task {start} of {T} from {ckpt_path}")
+        say(f"resuming after task {start} of {T} from {ckpt_path}")
     elif ckpt_path is not None:
         raise LPIError(f"{out} already holds a run ({ckpt_path.name}); pass --resume to continue it, "
                        f"or choose another --out")
     if by_names:
-        record_task_relations(results, S_names, theta, "names")
+        record_task_relations(results, S_names, theta, "names", verbose=main)
     t0 = time.time() - results["wall_time_s"]
     frozen_test: list[tuple | None] = [None] * T  # frozen CLIP features of each test set
     skipped = 0
@@ -2337,22 +2487,24 @@ def run_continual(model: LPI, tasks: list[Task], run: RunSettings, out: Path, co
         skipped += int((~ok).sum())
         if run.routing == "kmeans":
             router.add_task(f_img[ok], f_cap, run.keys_k)
+            broadcast_(router.image_keys, run.dist), broadcast_(router.text_keys, run.dist)
         cent_img.append(F.normalize(f_img[ok], dim=-1).mean(0))
         cent_txt.append(F.normalize(f_cap, dim=-1).mean(0))
         if by_names:
             targets = task_targets(S_names, theta)
         else:  # online: the seen tasks' centroids, targets renewed as tasks arrive
             targets = record_task_relations(results, centroid_similarity(torch.stack(cent_img), torch.stack(cent_txt)),
-                                            theta, "centroids")
+                                            theta, "centroids", verbose=main)
         if run.joint:
             # The upper bound: no training until every task's data is there, then one
             # shared prompt set on the union of all training sets; one evaluation.
             if t < T - 1:
                 results["routing_accuracy"].append(None)  # nothing evaluated at this step
                 continue
-            train_task(model, idx, union([tk.train for tk in tasks]), run, None)
+            log = train_task(model, idx, union([tk.train for tk in tasks]), run, None)
         else:
-            train_task(model, idx, task.train, run, targets)
+            log = train_task(model, idx, task.train, run, targets)
+        results.setdefault("first_steps", {})[task.name] = log.get("first_steps", [])
         for k in range(t + 1):
             if frozen_test[k] is None:
                 frozen_test[k] = encode_set(model, tasks[k].test, run)  # no task ids: plain CLIP
@@ -2371,9 +2523,10 @@ def run_continual(model: LPI, tasks: list[Task], run: RunSettings, out: Path, co
         state = {"config": config, "done": t + 1, "learned": learned,
                  "router": router.state_dict(), "centroids_img": torch.stack(cent_img),
                  "centroids_txt": torch.stack(cent_txt), "results": results}
-        _atomic_write(out / "checkpoints" / f"task_{t + 1:02d}.pt", lambda p: torch.save(state, p))
-        save_json(out / "results.json", results)
-        print(f"task {t + 1}/{T} {task.name}: " + ", ".join(
+        if main:
+            _atomic_write(out / "checkpoints" / f"task_{t + 1:02d}.pt", lambda p: torch.save(state, p))
+            save_json(out / "results.json", results)
+        say(f"task {t + 1}/{T} {task.name}: " + ", ".join(
             f"{d} R@1 {sum(recall[d]['R@1']) / (t + 1):.1f}" for d in recall)
             + f" (avg over seen tasks); routing image {routing['image']:.1f}% text {routing['text']:.1f}%")
     # zero-shot CLIP on the same final pool: the frozen features are there already
@@ -2384,7 +2537,8 @@ def run_continual(model: LPI, tasks: list[Task], run: RunSettings, out: Path, co
     results["zeroshot"] = {"recall": zs, "summary": row_summary(zs)}
     results["summary"] = summarize(results["recall"], T - 1)
     results["wall_time_s"] = time.time() - t0
-    save_json(out / "results.json", results)
+    if main:
+        save_json(out / "results.json", results)
     return results
 
 
@@ -2605,7 +2759,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_args(args)
-        device = pick_device(args.device)
+        dist_, device = init_distributed(pick_device(args.device))
         if args.export_tiny_clip:
             model = load_or_build_tiny_clip(args.cache_dir, steps=args.pretrain_steps, progress=args.progress)
             _, key = _settings_key(args.pretrain_steps, 0, PRETRAIN_DEFAULTS["batch_size"], {})
@@ -2634,11 +2788,14 @@ def main(argv: list[str] | None = None) -> int:
                           lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, workers=args.workers,
                           keys_k=args.keys, routing=args.routing, route_metric=args.route_metric,
                           augment=args.augment == "on" or (args.augment == "auto" and not all_builtin),
-                          per_caption=args.pairs == "per-caption", progress=args.progress,
+                          per_caption=args.pairs == "per-caption", progress=args.progress and dist_.main,
+                          dist=dist_,
                           precision=default_precision(device) if args.precision == "auto" else args.precision,
                           joint=args.method == "joint")
-        with run_lock(out):
+        with run_lock(out) if dist_.main else nullcontext():
             results = run_continual(model, tasks, run, out, config, resume=args.resume)
+            if not dist_.main:
+                return 0
             plot_recall(results, out / "recall_r1.png")
         print(format_table(results))
         print(f"wrote {out / 'results.json'} and {out / 'recall_r1.png'}")
@@ -2653,6 +2810,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: every finished task is checkpointed; continue with --resume", file=sys.stderr)
         return 130
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -204,7 +204,7 @@ def test_no_configuration_produces_nan_silently(J, M, R, batch, n, lr, tau_h, ta
     try:
         for t in range(2):
             model.add_task()
-            running = lpi.train_task(model, t, _tiny_data(n, [caption, "a blue ring"], g), run, Y)
+            running = lpi.train_task(model, t, _tiny_data(n, [caption, "a blue ring"], g), run, Y)["running"]
             assert all(torch.isfinite(torch.tensor(v)) for v in running.values()), running
         for p in model.parameters():
             assert torch.isfinite(p).all()
