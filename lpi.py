@@ -1,8 +1,8 @@
 """LPI: Low-rank Prompt Interaction for continual image-text retrieval, in one file.
 
 Reference implementation of "Low-rank Prompt Interaction for Continual Vision-Language
-Retrieval" (ACM MM 2024, arXiv 2501.14369), following our reading in shared/LPI_SPEC.md
-(section numbers below are that page's). A frozen CLIP (clip_model.py) meets retrieval
+Retrieval" (ACM MM 2024, arXiv 2501.14369), following our reading in METHOD.md
+(the § numbers below are that page's sections). A frozen CLIP (clip_model.py) meets retrieval
 tasks one after another; per task LPI learns only small multi-modal prompts.
 
 Reading order = the paper's order, then the data flow:
@@ -81,7 +81,7 @@ class Task:
 
 @dataclass
 class LPIConfig:
-    """Every switch of the method. Defaults are the paper's at ViT-B/16 scale (LPI_SPEC §7)."""
+    """Every switch of the method. Defaults are the paper's at ViT-B/16 scale (METHOD.md §7)."""
     # §1 prompts: J layers receive M tokens each, in both encoders
     J: int = 9                       # prompt depth (<= the number of layers of either encoder)
     M: int = 16                      # prompt length
@@ -108,7 +108,7 @@ class LPIConfig:
 
 
 class LowRankPrompts(nn.Module):
-    """One task's visual and textual prompts as rank-R CP decompositions (LPI_SPEC §2):
+    """One task's visual and textual prompts as rank-R CP decompositions (METHOD.md §2):
 
         P_v[j, m, :] = (1/R) * sum_r A[j, r] * B_v[m, r] * C_v[:, r]
         P_t[j, m, :] = (1/R) * sum_r A[j, r] * B_t[m, r] * C_t[:, r]
@@ -188,7 +188,7 @@ class CPLinear(nn.Module):
 
 
 class Interaction(nn.Module):
-    """One task's correlation modules (LPI_SPEC §3), acting on the prompts before insertion:
+    """One task's correlation modules (METHOD.md §3), acting on the prompts before insertion:
 
         P_v'[j] = LN_v((1-α) P_v[j] + α [P_t[j], 1] W_t→v[j])
         P_t'[j] = LN_t((1-α) P_t[j] + α [P_v[j], 1] W_v→t[j])      for j >= 1; layer 0 untouched
@@ -256,7 +256,7 @@ def token_structure(P: torch.Tensor) -> torch.Tensor:
 
 
 def prompt_level_loss(P_v: torch.Tensor, P_t: torch.Tensor, tau: float) -> torch.Tensor:
-    """Hierarchical loss, prompt level (LPI_SPEC §4): layer j's visual prompt should pick out
+    """Hierarchical loss, prompt level (METHOD.md §4): layer j's visual prompt should pick out
     layer j's textual prompt among all J layers, compared through their token structure
     s[j] = token_structure(P)[j] (how the M tokens of layer j relate to each other):
 
@@ -282,7 +282,7 @@ def factor_level_loss(B_v: torch.Tensor, B_t: torch.Tensor, tau: float) -> torch
     return symmetric_info_nce(F.normalize(B_v.float(), dim=-1) @ F.normalize(B_t.float(), dim=-1).t() / tau)
 
 
-# The semantic similarity of tasks (LPI_SPEC §5). The authors load a 12 x 12 matrix: the
+# The semantic similarity of tasks (METHOD.md §5). The authors load a 12 x 12 matrix: the
 # cosine similarity of CLIP text embeddings of the COCO super-category names. We compute it
 # the same way from each task's readable name (`--task-similarity names`, the default), or
 # online from per-task centroids of frozen-CLIP features (`--task-similarity centroids`).
@@ -329,7 +329,7 @@ def task_targets(similarity: torch.Tensor, theta: float) -> torch.Tensor:
 
 
 def task_contrastive_loss(prompts: torch.Tensor, targets: torch.Tensor, tau: float) -> torch.Tensor:
-    """Task contrastive constraint (LPI_SPEC §5) for one modality.
+    """Task contrastive constraint (METHOD.md §5) for one modality.
 
     prompts (T, J, M, D) are the inserted prompts of tasks 1..t (older ones detached by the
     caller), targets (T, T) the 0/1 matrix Y of task_targets. With X the cosine similarity
@@ -458,7 +458,7 @@ class LPI(nn.Module):
 
     def losses(self, images: torch.Tensor, tokens: torch.Tensor, t: int, targets: torch.Tensor | None,
                gather: Callable | None = None) -> dict[str, torch.Tensor]:
-        """All loss terms for a batch of task t's pairs (LPI_SPEC §7), with task t's prompts
+        """All loss terms for a batch of task t's pairs (METHOD.md §7), with task t's prompts
         built once: L = L_clip + λ_h (L_prompt + L_factor) + λ_task (L_task_v + L_task_t) / 2.
         targets: the (T, T) 0/1 task-relation matrix Y (task_targets), or None. gather:
         features of this process -> those of the global batch (several processes)."""
@@ -505,7 +505,7 @@ def count_parameters(cfg: LPIConfig, D_v: int, D_t: int) -> dict[str, int]:
 # Baselines: the methods of the paper's comparison, with LPI's interface
 # ========================================================================================
 
-# The methods of the paper's comparison (LPI_SPEC "Baselines"). Four are settings of the LPI
+# The methods of the paper's comparison (METHOD.md "Baselines"). Four are settings of the LPI
 # model above; L2P, whose prompts are chosen per input from a pool, is its own class below.
 # Every model offers what the loop uses: add_task(), encode_image / encode_text(x, task_ids)
 # (task_ids None = frozen CLIP), losses(...)["total"], tokenize(), prompted, cfg, clip.
@@ -735,7 +735,7 @@ def model_parameters(model: LPI | L2P, tasks: int) -> dict[str, int]:
 # ========================================================================================
 # §6  Task identity at test time: k-means keys per task, nearest-key routing
 # ========================================================================================
-"""S-Prompts' recipe (LPI_SPEC §6): no task id is given at test time, so each query is
+"""S-Prompts' recipe (METHOD.md §6): no task id is given at test time, so each query is
 sent to the task whose frozen-CLIP k-means keys it is nearest to."""
 # ---------------------------------------------------------------------------------------
 # Task identity at test time (S-Prompts style keys)
@@ -1530,7 +1530,7 @@ def flickr_task(root: str) -> Task:
 # annotations count like the others: they are annotated area too.
 # ----------------------------------------------------------------------------------------
 
-# The authors' task order, as super-category numbers (LPI_SPEC §7): appliance, sports,
+# The authors' task order, as super-category numbers (METHOD.md §7): appliance, sports,
 # outdoor, electronic, accessory, indoor, kitchen, furniture, vehicle, food, animal, person.
 COCO_TASK_ORDER = (11, 6, 3, 10, 5, 12, 7, 9, 2, 8, 4, 1)
 
@@ -1794,7 +1794,7 @@ def parse_task_specs(spec: str, data_root: str | None,
 # Evaluation: Recall@K
 #
 # After task t the candidate pool is the union of the test items of tasks 1..t, and the
-# recall of each seen task k is reported over the queries of task k only (LPI_SPEC §7).
+# recall of each seen task k is reported over the queries of task k only (METHOD.md §7).
 # So we compute the rank of every query against the whole pool once, and a task's recall
 # is then `recall_from_ranks(ranks[task_mask])`.
 #
@@ -2161,7 +2161,7 @@ def check_finite(tensors: dict[str, torch.Tensor], where: str, what: str) -> Non
 def train_task(model: LPI, t: int, data: ImageCaptionSet, run: "RunSettings",
                targets: torch.Tensor | None) -> dict[str, float]:
     """Train task t's parameters (only those) on its pairs: SGD with momentum, cosine
-    schedule (LPI_SPEC §7), the recipe switches above. targets: the task relations Y.
+    schedule (METHOD.md §7), the recipe switches above. targets: the task relations Y.
     With N processes a global batch of N * batch_size pairs is split among them in order
     (a last batch of fewer than N pairs is dropped), so they train as one process would
     with the global batch. Returns {"running": the loss terms' moving averages,
@@ -2262,7 +2262,7 @@ class RunSettings:
 
 def forgetting(matrix: list[list[float | None]], t: int) -> float:
     """Average forgetting after step t: for each task k < t, the best recall it had after
-    an earlier step minus its recall now, averaged over k (LPI_SPEC §7)."""
+    an earlier step minus its recall now, averaged over k (METHOD.md §7)."""
     drops = []
     for k in range(t):
         earlier = [matrix[s][k] for s in range(k, t) if matrix[s][k] is not None]
@@ -2434,7 +2434,7 @@ _RESUME_FREE = {"resume", "out", "device", "workers", "progress", "precision"}
 
 def run_continual(model: LPI, tasks: list[Task], run: RunSettings, out: Path, config: dict,
                   resume: bool = False) -> dict:
-    """The continual protocol (LPI_SPEC §6-7). For t = 1..T: open task t's prompts, fit its
+    """The continual protocol (METHOD.md §6-7). For t = 1..T: open task t's prompts, fit its
     routing keys and centroid on frozen features, train, evaluate on all seen tasks, and
     checkpoint (prompts, keys, centroids, results so far). --resume restarts after the last
     finished task; per-task seeds make the result identical to an uninterrupted run."""
@@ -2612,7 +2612,7 @@ def plot_recall(results: dict, path: Path) -> None:
 # Command line
 # ========================================================================================
 
-# Defaults for the two scales. A released CLIP gets the paper's settings (LPI_SPEC §7); the
+# Defaults for the two scales. A released CLIP gets the paper's settings (METHOD.md §7); the
 # tiny CLIP on the built-in data gets settings that fit in a few CPU minutes.
 PAPER_DEFAULTS = dict(J=9, M=16, epochs=10, batch_size=64, lr=0.05)
 TINY_DEFAULTS = dict(J=4, M=4, epochs=8, batch_size=64, lr=0.2)
@@ -2644,7 +2644,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-test-per-task", type=int, default=None,
                    help=f"subsample each task's test images (built-in: {BUILTIN_SIZES['n_test']} generated)")
 
-    g = p.add_argument_group("method (LPI_SPEC §1-5); each component has one switch")
+    g = p.add_argument_group("method (METHOD.md §1-5); each component has one switch")
     g.add_argument("--method", default="lpi", choices=list(METHODS), help="; ".join(f"{k}: {v}" for k, v in METHODS.items()))
     g.add_argument("--depth", "-J", dest="J", type=int, default=None,
                    help=f"prompt depth J (default {PAPER_DEFAULTS['J']}; {TINY_DEFAULTS['J']} with --clip tiny)")

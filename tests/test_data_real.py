@@ -27,7 +27,7 @@ except ImportError:
 
 from fixtures import COCO_CATEGORIES, make_coco_fixture, make_flickr_fixture  # noqa: E402
 
-# The paper's task order written out by name (LPI_SPEC §7), independently of the loader.
+# The paper's task order written out by name (METHOD.md §7), independently of the loader.
 PAPER_ORDER = ["appliance", "sports", "outdoor", "electronic", "accessory", "indoor",
                "kitchen", "furniture", "vehicle", "food", "animal", "person"]
 

@@ -1,4 +1,4 @@
-"""Unit tests of LPI's components against shared/LPI_SPEC.md (sections §1-§5, §7).
+"""Unit tests of LPI's components against METHOD.md (sections §1-§5, §7).
 
 Each test checks one equation or property of the spec on small hand-made cases or on a
 randomly initialised tiny CLIP (clip_model.TINY, fixed seed): the CP decomposition and its

@@ -166,7 +166,7 @@ def test_l2p_model_per_image_prompts(tiny_clip):
 
 
 def test_parameter_accounting_at_vitb16_scale():
-    """LPI_SPEC §2's numbers (5,284 vs 184,320 per task) and L2P's pool, at ViT-B/16 scale."""
+    """METHOD.md §2's numbers (5,284 vs 184,320 per task) and L2P's pool, at ViT-B/16 scale."""
     cfg = lpi.LPIConfig(J=9, M=16, R=4)
     p = {m: lpi.method_parameters(m, cfg, 768, 512, 512, tasks=12) for m in ("lpi", "sprompts", "l2p", "zeroshot")}
     assert p["lpi"]["prompts"] == 4 * (9 + 2 * 16 + 768 + 512) == 5284

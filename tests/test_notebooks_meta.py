@@ -2,7 +2,7 @@
 
 They are committed with their outputs, small, free of any machine's absolute paths, numbered in
 reading order, import the repository's code instead of copying it, and together show every symbol
-of shared/LPI_SPEC.md next to the line of code that implements it.
+of METHOD.md next to the line of code that implements it.
 """
 import json
 import re
@@ -18,7 +18,7 @@ MAX_BYTES = 2 * 1024 * 1024
 ABSOLUTE_PATH = re.compile(r"(?<![\w.])(/work/|/tmp/|/home/|/root/|/Users/|/private/|/var/folders/|[A-Za-z]:\\\\)")
 TEXT_MIME = ("text/plain", "text/markdown", "text/html", "application/json")
 
-# Every symbol of shared/LPI_SPEC.md, as the notebooks' symbol tables spell it (first column).
+# Every symbol of METHOD.md, as the notebooks' symbol tables spell it (first column).
 SYMBOLS = [r"$J$", r"$M$", r"$D_v$", r"$D_t$", r"$R$", r"$A$", r"$B_v$", r"$B_t$", r"$C_v$", r"$C_t$",
            r"$P_v$", r"$P_t$", r"$W_{t\to v}$", r"$W_{v\to t}$", r"$\alpha$", "LN", r"$s_v$", r"$s_t$",
            r"$\tau$", r"$\lambda_h$", r"$\theta$", r"$X$", r"$Y$", "keys / k-means", "R@K", "forgetting"]
