@@ -15,15 +15,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-try:
-    from lpi import (COCO_TASK_ORDER, ImageCaptionSet, ImageFileDataset, LPIError, Task, coco_supercategory_tasks,
+from lpi import (COCO_TASK_ORDER, ImageCaptionSet, ImageFileDataset, LPIError, Task, coco_supercategory_tasks,
                      coco_task, drop_unreadable, flickr_task, load_karpathy, number_supercategories,
-                     parse_task_specs, split_coco_by_supercategory, subsample)
-except ImportError:
-    from _parts.data_real import (COCO_TASK_ORDER, ImageCaptionSet, ImageFileDataset, LPIError, Task,
-                                  coco_supercategory_tasks, coco_task, drop_unreadable, flickr_task,
-                                  load_karpathy, number_supercategories, parse_task_specs,
-                                  split_coco_by_supercategory, subsample)
+                     parse_task_specs, split_coco_by_supercategory, subsample)  # noqa: E402
 
 from fixtures import COCO_CATEGORIES, make_coco_fixture, make_flickr_fixture  # noqa: E402
 

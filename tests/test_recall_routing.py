@@ -1,7 +1,6 @@
 """Tests for Recall@K (against a brute-force reference) and for k-means task routing."""
 
 import os
-import random
 import sys
 
 import pytest
@@ -9,12 +8,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-try:
-    from lpi import (TaskRouter, i2t_ranks, kmeans, recall_at_k, recall_from_ranks,
-                     t2i_ranks)
-except ImportError:
-    from _parts.eval_routing import (TaskRouter, i2t_ranks, kmeans, recall_at_k,
-                                     recall_from_ranks, t2i_ranks)
+from lpi import (TaskRouter, i2t_ranks, kmeans, recall_at_k, recall_from_ranks,
+                     t2i_ranks)  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------
