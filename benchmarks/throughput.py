@@ -53,7 +53,7 @@ def make_steps(clip, images, captions, J: int, M: int):
         model = lpi.L2P(clip, cfg) if name == "l2p" else lpi.LPI(clip, cfg)
         model.add_task(); model.add_task()          # train task 2 (index 1): old prompts frozen
         tokens = model.tokenize(captions)
-        similarity = torch.tensor([[1.0, 0.5], [0.5, 1.0]])
+        similarity = lpi.task_targets(torch.tensor([[1.0, 0.5], [0.5, 1.0]]), lpi.LPIConfig.theta)  # Y: related
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
         model.train()
 
