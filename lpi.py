@@ -2782,7 +2782,7 @@ def main(argv: list[str] | None = None) -> int:
                                  {n: (lambda n=n: BUILTIN_TASKS[n](seed=0, **sizes)) for n in BUILTIN_TASKS})
         tasks = [subsample_task(t, args.max_train_per_task, args.max_test_per_task, args.seed) for t in tasks]
         all_builtin = all(isinstance(t.train.images, torch.Tensor) for t in tasks)
-        config = dict(vars(args))
+        config = dict(vars(args), processes=dist_.world)  # the global batch is processes x batch_size
         model = make_method(args, clip)
         run = RunSettings(device=device, preprocess=preprocess, batch_size=args.batch_size, epochs=args.epochs,
                           lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, workers=args.workers,
