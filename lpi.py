@@ -2065,14 +2065,14 @@ def gather_with_grad(x: torch.Tensor, d: Dist) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def all_reduce_ints(values: list[int], d: Dist) -> list[int]:
-    """Sum of each value over the processes (itself with one process)."""
+def all_reduce_ints(values: list[int], d: Dist, op: str = "sum") -> list[int]:
+    """Sum (or max) of each value over the processes (the values themselves with one process)."""
     if d.world == 1:
         return values
     import torch.distributed as dist
 
     t = torch.tensor(values, dtype=torch.long, device=_comm_device())
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return t.tolist()
 
 
@@ -2214,8 +2214,9 @@ def train_step(model: LPI, opt, scaler, x: torch.Tensor, ok: torch.Tensor, caps:
     backward pass N times. The other terms depend on the prompts alone, are the same on
     every process, and their average is themselves."""
     keep = ok.nonzero().flatten()
-    counts = all_reduce_ints([len(keep), -len(keep)], run.dist)       # global sum, and minus the global min
-    if counts[0] < 2 or -counts[1] < 1:  # a contrastive loss needs a negative; every process needs a share
+    total = all_reduce_ints([len(keep)], run.dist)[0]
+    fewest = -all_reduce_ints([-len(keep)], run.dist, op="max")[0]
+    if total < 2 or fewest < 1:  # a contrastive loss needs a negative; every process needs a share
         return None
     x, caps = x[keep], [caps[i] for i in keep.tolist()]
     if run.augment and not files:
