@@ -363,6 +363,22 @@ class CLIP(nn.Module):
         return logits, logits.t()
 
 
+def symmetric_info_nce(logits: torch.Tensor) -> torch.Tensor:
+    """Row i's positive is column i, in both directions: (CE(logits) + CE(logits^T)) / 2."""
+    logits = logits.float()  # the softmax of a bf16/fp16 logit matrix loses the small terms
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+
+
+def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's contrastive loss on a batch of matching pairs (row i <-> column i):
+        L = symmetric_info_nce(exp(s) * norm(img) @ norm(txt)^T)
+    with exp(s) capped at 100 as in CLIP's training (OpenAI's weights sit at the cap). The
+    tiny CLIP is pre-trained with it and LPI trains its prompts with it (L_clip)."""
+    img, txt = F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
+    return symmetric_info_nce(logit_scale.float().exp().clamp(max=100) * img @ txt.t())  # (B, B) logits
+
+
 # ----------------------------------------------------------------------------------------
 # 4. Configuration and building a model from a state dict
 # ----------------------------------------------------------------------------------------

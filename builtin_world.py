@@ -1,0 +1,578 @@
+"""The built-in world: a miniature of the paper's COCO protocol that runs on a CPU in minutes.
+
+COCO's super-category tasks differ in *content*: each is a family of objects with its own
+nouns, some families are related (animal / person) and some are not (food / vehicle), and
+a web-scale CLIP knows all of their words but not every setting it meets them in. This
+module draws a small copy of that, deterministic by seed, with no file to download:
+
+- six tasks, each a family of three objects with its own nouns, each with an outline and a pattern, in a
+  setting of its own (under water, a meadow, soil, kitchen tiles, a road at night, a foggy
+  harbour). The families come in three related pairs: their names share a word ("sea
+  animals", "farm animals") and their objects share an outline (animals round, tools a
+  diamond, vehicles a wide box); the pairs share nothing with each other;
+- captions are compositional: two objects, each with a size and a colour, and a spatial
+  relation ("a small red fish left of a large blue crab"), so that retrieval inside a task
+  needs every word;
+- a tiny CLIP pre-trained here on a mixture that holds every noun, colour, size, relation
+  and family name of the world, on plain grey backgrounds: it knows the world broadly but
+  has never seen the six settings, which change colours, contrast and sharpness. That is
+  what each task's prompts have to learn.
+
+lpi.py holds the method, the loop, the real-data loaders and the command line; it imports
+this module for the built-in tasks and the tiny CLIP. Nothing here depends on lpi.py.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import lzma
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import clip_model
+
+# Bump when the drawing, the captions or the pre-training mixture change: it is part of the
+# tiny CLIP's key, so a backbone made for another world is never picked up.
+DATA_VERSION = 4
+IMAGE_SIZE = 32
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float, normalised with CLIP's own mean / std (not ImageNet's)."""
+    mean = torch.tensor(clip_model.CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(clip_model.CLIP_STD).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+# ========================================================================================
+# The vocabulary: six families in three related pairs
+# ========================================================================================
+
+@dataclass(frozen=True)
+class Family:
+    """One task's content: a readable name, three object nouns, the kind it shares with
+    its related family (which fixes a shared glyph part), and its setting."""
+    name: str                 # task name on the command line
+    label: str                # readable name, for the task similarity (lpi.TASK_NAME_TEMPLATE)
+    nouns: tuple[str, ...]
+    kind: str                 # "animals", "tools" or "vehicles"
+    setting: str              # a key of SETTINGS
+    phrase: str               # how captions name the setting, as COCO captions say "in a kitchen"
+
+
+FAMILIES = {f.name: f for f in (
+    Family("sea-animals", "sea animals", ("fish", "crab", "whale"), "animals", "underwater", "under water"),
+    Family("farm-animals", "farm animals", ("cow", "pig", "sheep"), "animals", "meadow", "on a meadow"),
+    Family("garden-tools", "garden tools", ("rake", "spade", "shears"), "tools", "soil", "on the soil"),
+    Family("kitchen-tools", "kitchen tools", ("knife", "spoon", "kettle"), "tools", "tiles", "on kitchen tiles"),
+    Family("road-vehicles", "road vehicles", ("car", "bus", "truck"), "vehicles", "night road", "on a road at night"),
+    Family("water-vehicles", "water vehicles", ("boat", "ship", "canoe"), "vehicles", "foggy harbour",
+           "in a foggy harbour"),
+)}
+NOUNS = tuple(n for f in FAMILIES.values() for n in f.nouns)               # 18, family by family
+COLOURS = {  # name -> RGB in [0, 1]
+    "red": (0.86, 0.16, 0.16), "green": (0.16, 0.78, 0.24), "blue": (0.20, 0.32, 0.92),
+    "yellow": (0.92, 0.86, 0.20),
+}
+COLOUR_NAMES = tuple(COLOURS)
+HALF = 7.5  # half the side of a glyph's box, in pixels: 15 pixels, 3 per cell
+
+
+# ----------------------------------------------------------------------------------------
+# Looks: every object fills one 16 x 16 cell of the picture. Its outline is its kind's
+# (related families share it: animals round, tools a diamond, vehicles a wide box) and
+# its surface pattern is its own (stripes of four orientations, a checkerboard, solid),
+# so each noun is told apart from its family by the pattern and from the other kinds by
+# the outline; the pattern's gaps show the background.
+# ----------------------------------------------------------------------------------------
+
+OUTLINES = {  # (u, v) in [-1, 1]^2 over the object's box -> inside?
+    "animals": lambda u, v: u * u + v * v < 1.0,
+    "tools": lambda u, v: u.abs() + v.abs() < 1.05,
+    "vehicles": lambda u, v: (u.abs() < 0.95) & (v.abs() < 0.6),
+}
+PATTERNS = (  # (x, y) pixel offsets inside the box -> drawn?
+    lambda x, y: y % 3 != 2,                    # horizontal stripes
+    lambda x, y: x % 3 != 2,                    # vertical stripes
+    lambda x, y: (x + y) % 3 != 2,              # diagonal stripes
+    lambda x, y: (x - y) % 3 != 2,              # the other diagonal
+    lambda x, y: (x // 2 + y // 2) % 2 == 0,    # checkerboard
+    lambda x, y: x >= 0,                        # solid
+)
+
+
+def looks() -> list[tuple[str, int]]:
+    """(outline, pattern) of every noun, in the order of NOUNS: within a kind, the first
+    family takes patterns 0-2 and its related family 3-5."""
+    out, used = [], {}
+    for fam in FAMILIES.values():
+        for noun in fam.nouns:
+            out.append((fam.kind, used.get(fam.kind, 0)))
+            used[fam.kind] = used.get(fam.kind, 0) + 1
+    return out
+
+
+# ========================================================================================
+# Scenes: two objects, each a (noun, colour), side by side or one above the other
+# ========================================================================================
+
+@dataclass
+class Scenes:
+    """N scenes as tensors; (N, 2) fields hold object 0 (left / top) and object 1."""
+    noun: torch.Tensor      # (N, 2) index into NOUNS
+    colour: torch.Tensor    # (N, 2) index into COLOUR_NAMES
+    vertical: torch.Tensor  # (N,) bool: object 0 above object 1 (else left of it)
+
+    def __len__(self) -> int:
+        return len(self.vertical)
+
+
+def sample_scenes(nouns: torch.Tensor, n: int, g: torch.Generator,
+                  exclude: torch.Tensor | None = None) -> tuple[Scenes, torch.Tensor]:
+    """n distinct scenes whose objects are drawn from `nouns` (indices into NOUNS); the two
+    objects never share a colour, so colours alone cannot match a caption. Distinct while n
+    fits the valid scenes, beyond that with repeats. `exclude` (codes) keeps e.g. a task's
+    test scenes out of its training set. Returns (scenes, codes)."""
+    n_obj = len(nouns) * len(COLOURS)                                      # (noun, colour) pairs
+    codes = torch.randperm(n_obj * n_obj * 2, generator=g)                 # (object 0, object 1, vertical)
+    obj0, obj1 = (codes // 2) // n_obj, (codes // 2) % n_obj
+    valid = obj0 // len(nouns) != obj1 // len(nouns)                       # different colours
+    if exclude is not None:
+        valid &= ~torch.isin(codes, exclude)
+    codes = codes[valid]
+    if n > len(codes):
+        codes = codes[torch.randint(len(codes), (n,), generator=g)]
+    codes = codes[:n]
+    obj = torch.stack([(codes // 2) // n_obj, (codes // 2) % n_obj], dim=1)   # (n, 2)
+    scenes = Scenes(noun=nouns[obj % len(nouns)], colour=obj // len(nouns),
+                    vertical=(codes % 2).bool())
+    return scenes, codes
+
+
+# ----------------------------------------------------------------------------------------
+# Drawing, vectorised over the batch
+# ----------------------------------------------------------------------------------------
+
+def glyph_masks(noun: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor) -> torch.Tensor:
+    """Boolean masks (N, H, W) of N objects centred at (cx, cy), 2 * HALF pixels wide."""
+    pix = torch.arange(IMAGE_SIZE, dtype=torch.float32) + 0.5
+    u = (pix.view(1, 1, -1) - cx.view(-1, 1, 1)) / HALF                     # (N, 1, W), [-1, 1] inside
+    v = (pix.view(1, -1, 1) - cy.view(-1, 1, 1)) / HALF                     # (N, H, 1)
+    x = (pix.view(1, 1, -1) - cx.view(-1, 1, 1) + HALF).floor().long()      # pixel offsets in the box
+    y = (pix.view(1, -1, 1) - cy.view(-1, 1, 1) + HALF).floor().long()
+    masks = torch.zeros(len(noun), IMAGE_SIZE, IMAGE_SIZE, dtype=torch.bool)
+    for i, (kind, pattern) in enumerate(looks()):
+        sel = noun == i
+        if sel.any():
+            masks[sel] = OUTLINES[kind](u[sel], v[sel]) & PATTERNS[pattern](x[sel], y[sel])
+    return masks
+
+
+def layout(scenes: Scenes, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Object centres (N, 2) x and y. The picture is 2 x 2 cells of 16 x 16 pixels (2 x 2
+    patches of the tiny CLIP each); the two objects sit in two cells of one row (object 0
+    left) or of one column (object 0 on top), the free row or column drawn at random."""
+    n = len(scenes)
+    other = 8.0 + 16.0 * torch.randint(2, (n, 1), generator=g).float()      # the shared row / column
+    along = torch.tensor([[8.0, 24.0]]).expand(n, 2)
+    vert = scenes.vertical.view(-1, 1)
+    return torch.where(vert, other.expand(n, 2), along), torch.where(vert, along, other.expand(n, 2))
+
+
+def draw(scenes: Scenes, background: torch.Tensor, colours: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Paint the two objects of every scene onto `background` (N, 3, H, W), filled with
+    `colours` (N, 2, 3); float images in [0, 1]."""
+    cx, cy = layout(scenes, g)
+    img = background.clone()
+    for k in range(2):
+        mask = glyph_masks(scenes.noun[:, k], cx[:, k], cy[:, k]).unsqueeze(1)  # (N, 1, H, W)
+        img = torch.where(mask, colours[:, k].view(-1, 3, 1, 1), img)
+    return img
+
+
+def true_colours(scenes: Scenes, g: torch.Generator, jitter: float = 0.05) -> torch.Tensor:
+    """The RGB of each object (N, 2, 3), with a little per-object jitter."""
+    rgb = torch.tensor(list(COLOURS.values()))[scenes.colour]
+    return (rgb + jitter * (2 * torch.rand(rgb.shape, generator=g) - 1)).clamp(0, 1)
+
+
+def blur(img: torch.Tensor) -> torch.Tensor:
+    """3x3 box blur with replicated borders."""
+    return F.avg_pool2d(F.pad(img, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+
+
+def noise(img: torch.Tensor, std: float, g: torch.Generator) -> torch.Tensor:
+    return img + std * torch.randn(img.shape, generator=g)
+
+
+# ----------------------------------------------------------------------------------------
+# Settings: where a family is seen. Each has a background of its own and a light of its
+# own; the light is a colour transform c -> clamp(A c + b) of the objects' true colours,
+# the way water swallows red or a sodium street lamp turns everything orange. Every light
+# is invertible (A has full rank), so colours can be read in every setting, but not with
+# the plain-light reading: "red" under water looks like what "purple" looks like in
+# plain light. The pre-training mixture shows every setting, never with a colour word.
+# ----------------------------------------------------------------------------------------
+
+LIGHT = 0.5  # how strongly a setting's light acts (1: the full transform); at 1 zero-shot is at chance
+
+
+@dataclass(frozen=True)
+class Setting:
+    background: Callable[[int, torch.Generator], torch.Tensor]   # n -> (n, 3, H, W)
+    A: tuple                                                      # 3x3, rows = output channel
+    b: tuple = (0.0, 0.0, 0.0)
+    blurred: bool = False
+
+    def light(self, rgb: torch.Tensor) -> torch.Tensor:
+        """(..., 3) true colours -> the colours seen in this setting: LIGHT of the way from
+        the true colour to A c + b."""
+        lit = rgb @ torch.tensor(self.A, dtype=rgb.dtype).t() + torch.tensor(self.b, dtype=rgb.dtype)
+        return (rgb + LIGHT * (lit - rgb)).clamp(0, 1)
+
+
+def _grid(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel coordinates y (1, 1, H, 1) and x (1, 1, 1, W)."""
+    r = torch.arange(IMAGE_SIZE, dtype=torch.float32)
+    return r.view(1, 1, -1, 1), r.view(1, 1, 1, -1)
+
+
+def _flat(n: int, rgb, g: torch.Generator, spread: float = 0.04) -> torch.Tensor:
+    """Backgrounds of one colour with a random brightness offset each: (N, 3, H, W)."""
+    level = torch.tensor(rgb).view(1, 3, 1, 1) + spread * (2 * torch.rand(n, 1, 1, 1, generator=g) - 1)
+    return level.expand(n, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def _grey(n, g):
+    return _flat(n, (0.28, 0.28, 0.28), g, spread=0.12) + 0.03 * (2 * torch.rand(n, 3, 1, 1, generator=g) - 1)
+
+
+def _water(n, g):  # teal with wavy light bands
+    y, x = _grid(n)
+    phase = 2 * math.pi * torch.rand(n, 1, 1, 1, generator=g)
+    return _flat(n, (0.04, 0.22, 0.32), g) + 0.06 * torch.sin(0.8 * y + 1.5 * torch.sin(0.4 * x + phase) + phase)
+
+
+def _grass(n, g):  # green in vertical streaks
+    return (_flat(n, (0.20, 0.42, 0.12), g) + 0.08 * torch.rand(n, 1, 1, IMAGE_SIZE, generator=g)
+            + 0.03 * torch.rand(n, 1, IMAGE_SIZE, IMAGE_SIZE, generator=g))
+
+
+def _soil(n, g):  # dark brown, speckled
+    return _flat(n, (0.30, 0.20, 0.12), g) + 0.10 * (torch.rand(n, 1, IMAGE_SIZE, IMAGE_SIZE, generator=g) < 0.15)
+
+
+def _tiles(n, g):  # cream and white checkerboard, 4-pixel tiles, random offset
+    y, x = _grid(n)
+    off = torch.randint(4, (n, 2, 1, 1), generator=g).float()
+    check = (((y + off[:, :1]) // 4 + (x + off[:, 1:]) // 4) % 2).view(n, 1, IMAGE_SIZE, IMAGE_SIZE)
+    return _flat(n, (0.80, 0.76, 0.62), g) + 0.10 * check
+
+
+def _road(n, g):  # asphalt at night with a dashed lane line along the bottom
+    lane = torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE)
+    lane[..., 30, :] = ((torch.arange(IMAGE_SIZE) // 3) % 2).float()
+    return _flat(n, (0.06, 0.06, 0.08), g, spread=0.02) + 0.5 * lane
+
+
+def _harbour(n, g):  # grey-blue water fading into light fog at the top
+    y, _ = _grid(n)
+    t = y / (IMAGE_SIZE - 1)
+    sky, sea = torch.tensor([0.62, 0.65, 0.68]).view(1, 3, 1, 1), torch.tensor([0.15, 0.25, 0.40]).view(1, 3, 1, 1)
+    return (sky * (1 - t) + sea * t).expand(n, 3, IMAGE_SIZE, IMAGE_SIZE) + _flat(n, (0, 0, 0), g)
+
+
+I3 = ((1, 0, 0), (0, 1, 0), (0, 0, 1))
+SETTINGS: dict[str, Setting] = {
+    "plain": Setting(_grey, I3),
+    # water swallows red first, then green; what is left is tinted blue-green
+    "underwater": Setting(_water, ((0.30, 0.00, 0.00), (0.10, 0.60, 0.20), (0.10, 0.20, 0.60)), (0.02, 0.18, 0.25)),
+    # low golden sun: warm, blue dimmed
+    "meadow": Setting(_grass, ((0.70, 0.20, 0.00), (0.10, 0.70, 0.00), (0.00, 0.10, 0.40)), (0.25, 0.15, 0.00)),
+    # dust: colours pulled towards their grey and dimmed, a brown tint
+    "soil": Setting(_soil, ((0.48, 0.14, 0.14), (0.14, 0.48, 0.14), (0.14, 0.14, 0.48)), (0.08, 0.05, 0.02)),
+    # fluorescent glare: washed out, slightly green
+    "tiles": Setting(_tiles, ((0.55, 0.00, 0.00), (0.00, 0.55, 0.00), (0.00, 0.00, 0.55)), (0.38, 0.43, 0.35)),
+    # sodium street lamps: red and green merge towards orange, blue almost gone
+    "night road": Setting(_road, ((0.50, 0.30, 0.10), (0.30, 0.30, 0.10), (0.00, 0.05, 0.15)), (0.10, 0.05, 0.02)),
+    # fog: half-way to light grey
+    "foggy harbour": Setting(_harbour, ((0.50, 0.00, 0.00), (0.00, 0.50, 0.00), (0.00, 0.00, 0.50)), (0.30, 0.32, 0.34)),
+}
+
+
+def paint(setting: str, scenes: Scenes, g: torch.Generator) -> torch.Tensor:
+    """Scenes -> float images (N, 3, H, W) in [0, 1], seen in `setting`."""
+    s = SETTINGS[setting]
+    img = draw(scenes, s.background(len(scenes), g), s.light(true_colours(scenes, g)), g)
+    return noise(blur(img) if s.blurred else img, 0.02, g)
+
+
+# ----------------------------------------------------------------------------------------
+# Captions: "a red fish left of a blue crab under water" (the left or top object first,
+# the setting's phrase last). The coarse captions of the pre-training mixture name only
+# the objects and the setting: "a fish and a crab under water".
+# ----------------------------------------------------------------------------------------
+
+def captions(scenes: Scenes, phrase: str = "") -> list[str]:
+    """Fine captions: every object's colour and noun, and where they are, the left (top)
+    object named first: "a red fish left of a blue crab", "a red fish above a blue crab"."""
+    end = f" {phrase}" if phrase else ""
+    out = []
+    for nn, cc, vert in zip(scenes.noun.tolist(), scenes.colour.tolist(), scenes.vertical.tolist()):
+        obj = [f"{COLOUR_NAMES[cc[k]]} {NOUNS[nn[k]]}" for k in range(2)]
+        out.append(f"a {obj[0]} {'above' if vert else 'left of'} a {obj[1]}{end}")
+    return out
+
+
+def coarse_captions(scenes: Scenes, phrase: str) -> list[str]:
+    """Coarse captions: the two nouns and the setting; nothing that tells scenes of the same
+    objects apart (no colour, no relation)."""
+    return [f"a {NOUNS[a]} and a {NOUNS[b]} {phrase}" for a, b in scenes.noun.tolist()]
+
+
+@contextmanager
+def _one_thread():
+    """Drawing is many small element-wise ops; on a busy 2-core machine the thread pool's
+    synchronisation costs far more than the work (measured: 25x slower), so draw on one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def render(setting: str, scenes: Scenes, g: torch.Generator, phrase: str = "",
+           coarse: bool = False) -> tuple[torch.Tensor, list[list[str]]]:
+    """Scenes -> uint8 images (N, 3, H, W) in a setting, and one caption each (fine, or coarse)."""
+    with _one_thread():
+        images = (paint(setting, scenes, g).clamp(0, 1) * 255).round().to(torch.uint8)
+    text = coarse_captions(scenes, phrase) if coarse else captions(scenes, phrase)
+    return images, [[c] for c in text]
+
+
+def _generator(seed: int, salt: str) -> torch.Generator:
+    """A torch RNG seeded by (seed, salt): every family and split gets its own stream."""
+    digest = hashlib.sha256(f"{seed}/{salt}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def family_nouns(name: str) -> torch.Tensor:
+    """Indices into NOUNS of a family's nouns."""
+    return torch.tensor([NOUNS.index(n) for n in FAMILIES[name].nouns])
+
+
+TASK_SIZES = dict(n_train=1000, n_test=100)  # images per task; each test gallery is searched on its own
+
+
+def make_split(name: str, n_train: int = TASK_SIZES["n_train"], n_test: int = TASK_SIZES["n_test"], seed: int = 0):
+    """The built-in task `name`: ((train images, captions), (test images, captions)),
+    distinct scenes, test scenes never seen in training."""
+    fam, g = FAMILIES[name], _generator(seed, name)
+    test_scenes, test_codes = sample_scenes(family_nouns(name), n_test, g)
+    train_scenes, _ = sample_scenes(family_nouns(name), n_train, g, exclude=test_codes)
+    return render(fam.setting, train_scenes, g, fam.phrase), render(fam.setting, test_scenes, g, fam.phrase)
+
+
+# ========================================================================================
+# The pre-training mixture and the tiny CLIP
+#
+# Stand-in for CLIP's web-scale pre-training, one fresh batch per step (the generator is
+# the data set). It teaches the world broadly but not each task's fine distinctions:
+# - three quarters of each batch: two objects of a family in plain light on a grey
+#   background, with a fine caption ("a red fish left of a blue crab"), each quarter one
+#   family (so that the negatives share nouns): every noun, colour and relation, but in
+#   no setting;
+# - the last quarter: two objects of a family in that family's setting, families mixed, with a coarse
+#   caption ("a fish and a crab under water", or a quarter of them the family's name,
+#   "a photo of sea animals", so that task names can be read): every setting, its
+#   light and its objects, but never which colour or place is which there.
+# Every word the tasks use is in this mixture; a task's captions join the two halves (a
+# fine description in a setting's light), which the tiny CLIP never saw.
+# ========================================================================================
+
+NAME_TEMPLATE = "a photo of {}"   # = lpi.TASK_NAME_TEMPLATE, with which LPI compares task names
+NAMED = 0.25                       # share of the setting quarter captioned with the family's name
+
+
+def generic_mixture(n: int, seed: int = 0) -> tuple[torch.Tensor, list[list[str]]]:
+    """n pre-training pairs, deterministic by seed: (uint8 images, captions)."""
+    g = _generator(seed, "generic")
+    fams = list(FAMILIES)
+    images, caps = [], []
+    for quarter in range(3):  # fine: each quarter one family in plain light (negatives that share nouns)
+        fam = fams[int(torch.randint(len(fams), (1,), generator=g))]
+        img, cap = render("plain", sample_scenes(family_nouns(fam), n // 4, g)[0], g)
+        images.append(img), caps.extend(cap)
+    pick = torch.randint(len(fams), (n - 3 * (n // 4),), generator=g)  # coarse: families mixed, so that
+    for f in pick.unique().tolist():                                     # settings and names are contrasted
+        fam, count = FAMILIES[fams[f]], int((pick == f).sum())
+        img, cap = render(fam.setting, sample_scenes(family_nouns(fam.name), count, g)[0], g, fam.phrase, coarse=True)
+        named = torch.rand(count, generator=g) < NAMED
+        images.append(img), caps.extend([NAME_TEMPLATE.format(fam.label)] if named[i] else c for i, c in enumerate(cap))
+    return torch.cat(images), caps
+
+
+# Prompt-slot augmentation [ours]. A web-scale CLIP shrugs off a few extra tokens: captions
+# vary in length and wording, so words move around. Our tiny CLIP sees one template at
+# fixed positions and does not: untrained prompt tokens in each encoder would put every
+# prompt method below zero-shot from the start. So in a fraction of the batches, random
+# vocabulary tokens sit between SOT and the caption (exactly where text prompts go), and
+# random tokens after CLS (where visual prompts go); the encoders learn to read past them.
+PRETRAIN_DEFAULTS = dict(steps=3000, batch_size=128, lr=2e-3, weight_decay=0.05, warmup=50,
+                         slot_augment=0.5, max_slot_tokens=8)
+
+
+class MixtureBatches(torch.utils.data.Dataset):
+    """Batch `step` of the pre-training stream: (images, tokens, visual prompts), a function
+    of (seed, step) only, so DataLoader workers can draw the batches in parallel."""
+
+    def __init__(self, steps: int, batch_size: int, seed: int, slot_augment: float, max_slot_tokens: int,
+                 config: clip_model.CLIPConfig):
+        self.steps, self.batch_size, self.seed, self.cfg = steps, batch_size, seed, config
+        self.slot_augment, self.max_slot_tokens = slot_augment, max_slot_tokens
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int):
+        B, g = self.batch_size, _generator(self.seed, f"slots/{step}")
+        images, caps = generic_mixture(B, seed=self.seed * 1_000_003 + step)
+        visual_prompts, m_text = torch.zeros(B, 1, 0, self.cfg.vision_width), 0
+        if torch.rand(1, generator=g).item() < self.slot_augment:
+            m_text, m_vis = torch.randint(1, self.max_slot_tokens + 1, (2,), generator=g).tolist()
+            visual_prompts = torch.randn(B, 1, m_vis, self.cfg.vision_width, generator=g)  # (B, J=1, M, D)
+        tokens = clip_model.tokenize([c[0] for c in caps], context_length=self.cfg.context_length, truncate=True,
+                                     prompt_length=m_text)
+        if m_text:  # the placeholders become random words (ids 256.. are the merged BPE tokens)
+            tokens[:, 1:1 + m_text] = torch.randint(256, self.cfg.vocab_size - 2, (B, m_text), generator=g)
+        return normalize_images(images), tokens, visual_prompts
+
+
+def pretrain_tiny_clip(steps: int = PRETRAIN_DEFAULTS["steps"], batch_size: int = PRETRAIN_DEFAULTS["batch_size"],
+                       seed: int = 0, lr: float = PRETRAIN_DEFAULTS["lr"],
+                       weight_decay: float = PRETRAIN_DEFAULTS["weight_decay"],
+                       warmup: int = PRETRAIN_DEFAULTS["warmup"],
+                       slot_augment: float = PRETRAIN_DEFAULTS["slot_augment"],
+                       max_slot_tokens: int = PRETRAIN_DEFAULTS["max_slot_tokens"],
+                       config: clip_model.CLIPConfig = clip_model.TINY, progress: bool = True,
+                       device: str | torch.device = "cpu", workers: int = 0) -> clip_model.CLIP:
+    """Train clip_model.CLIP(config) from scratch on the generic mixture: AdamW, linear
+    warm-up then cosine decay to zero, weight decay on matrices only, prompt-slot
+    augmentation in a fraction `slot_augment` of the batches. `workers` processes draw the
+    batches. Returns the model on the CPU, in eval mode."""
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    model = clip_model.CLIP(config).to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: (i + 1) / warmup if i < warmup else 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, steps - warmup))))
+    batches = torch.utils.data.DataLoader(MixtureBatches(steps, batch_size, seed, slot_augment, max_slot_tokens, config),
+                                          batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
+    model.train()
+    bar = tqdm(batches, desc="pre-training tiny CLIP", disable=not progress)
+    for images, tokens, visual_prompts in bar:
+        images, tokens, visual_prompts = images.to(device), tokens.to(device), visual_prompts.to(device)
+        loss = clip_model.clip_loss(model.encode_image(images, visual_prompts if visual_prompts.shape[2] else None),
+                                    model.encode_text(tokens), model.logit_scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    return model.cpu().eval()
+
+
+# ----------------------------------------------------------------------------------------
+# The shipped tiny CLIP
+#
+# tiny_clip.pt.xz (a few MB) ships with the repository so that `python lpi.py` spends its
+# minutes on LPI, not on pre-training. It is exactly what load_or_build_tiny_clip builds
+# from the settings it records (its key); rebuild it with
+# `python lpi.py --export-tiny-clip tiny_clip.pt.xz`. Two things keep it small: token rows
+# of words the world never uses are zeroed (they never received a gradient), so xz
+# compresses them away; and the weights are stored in fp16 (fp32 after loading: fp16
+# storage is part of the definition of the tiny CLIP, cache included).
+# ----------------------------------------------------------------------------------------
+
+SHIPPED_TINY_CLIP = Path(__file__).with_name("tiny_clip.pt.xz")
+
+
+def world_vocabulary() -> torch.Tensor:
+    """Token ids the world can produce (pre-training captions, every task's captions, the
+    task-name template, the prompt placeholder, SOT/EOT), found by tokenizing a large sample."""
+    texts = [c[0] for c in generic_mixture(4000, seed=12345)[1]]
+    for name, fam in FAMILIES.items():
+        texts += [c[0] for c in make_split(name, n_train=1000, n_test=10, seed=12345)[0][1]]
+        texts.append(NAME_TEMPLATE.format(fam.label))
+    return clip_model.tokenize(texts + [clip_model.PLACEHOLDER], context_length=77, truncate=True).unique()
+
+
+def settings_key(steps: int, seed: int = 0, batch_size: int = PRETRAIN_DEFAULTS["batch_size"],
+                 **train_kwargs) -> tuple[dict, str]:
+    """(pre-training settings, the key that names a tiny CLIP made with them)."""
+    settings = dict(PRETRAIN_DEFAULTS, steps=steps, batch_size=batch_size, **train_kwargs)
+    key = json.dumps(dict(settings, seed=seed, data_version=DATA_VERSION, config=repr(clip_model.TINY)),
+                     sort_keys=True)
+    return settings, key
+
+
+def write_tiny_clip(model: clip_model.CLIP, key: str, path: Path) -> None:
+    """fp16 weights, unused token rows zeroed, xz-compressed; written atomically."""
+    sd = {k: v.detach().half().clone() for k, v in model.state_dict().items()}
+    keep = torch.zeros(sd["token_embedding.weight"].shape[0], dtype=torch.bool)
+    keep[world_vocabulary()] = True
+    sd["token_embedding.weight"][~keep] = 0
+    buf = io.BytesIO()
+    torch.save({"key": key, "state_dict": sd}, buf)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(lzma.compress(buf.getvalue(), preset=6))
+    os.replace(tmp, path)  # an interrupted export never leaves half a file
+
+
+def read_tiny_clip(path: Path) -> tuple[str, clip_model.CLIP]:
+    """(settings key, a fresh model) from a file written by write_tiny_clip."""
+    p = Path(path).resolve()
+    blob = _decoded_tiny_clip(str(p), p.stat().st_mtime_ns)
+    return blob["key"], clip_model.build_model(blob["state_dict"])  # build_model copies: callers never share
+
+
+@lru_cache(maxsize=4)
+def _decoded_tiny_clip(path: str, mtime_ns: int) -> dict:
+    """Decompressing costs ~2 s: done once per file version and process (tests, notebooks)."""
+    return torch.load(io.BytesIO(lzma.decompress(Path(path).read_bytes())), map_location="cpu", weights_only=True)
+
+
+def load_or_build_tiny_clip(cache_dir: str | Path, steps: int = PRETRAIN_DEFAULTS["steps"], seed: int = 0,
+                            batch_size: int = PRETRAIN_DEFAULTS["batch_size"], progress: bool = True,
+                            device: str | torch.device = "cpu", workers: int = 0, **train_kwargs) -> clip_model.CLIP:
+    """The tiny CLIP pre-trained with these settings: the shipped file if it was made with
+    them, else the cache in `cache_dir`, else pre-train it now and cache it. The cache name
+    carries a hash of every setting that changes the weights, so a stale file is never used."""
+    settings, key = settings_key(steps, seed, batch_size, **train_kwargs)
+    if SHIPPED_TINY_CLIP.is_file():
+        shipped_key, model = read_tiny_clip(SHIPPED_TINY_CLIP)
+        if shipped_key == key:
+            return model
+    path = Path(cache_dir) / f"tiny_clip_{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt.xz"
+    if path.is_file():
+        return read_tiny_clip(path)[1]
+    print(f"pre-training the tiny CLIP ({steps} steps; cached in {path} for later runs)")
+    model = pretrain_tiny_clip(seed=seed, progress=progress, device=device, workers=workers, **settings)
+    write_tiny_clip(model, key, path)
+    return read_tiny_clip(path)[1]  # the stored (compact) weights are the tiny CLIP, first run included

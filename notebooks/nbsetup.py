@@ -1,0 +1,71 @@
+"""The setup every notebook shares: `from nbsetup import *` in its first code cell.
+
+Puts the repository (one folder up) on the import path, imports what the notebooks use,
+fixes threads, seed and figure size, and defines
+  show(obj, start, stop)  the source of a function or class as it is in lpi.py / clip_model.py
+                          / builtin_world.py (imported, never copied into a notebook)
+  run_lpi(*flags)         `python lpi.py FLAGS` in this process, into a temporary folder
+  WORK, CACHE             that temporary folder (removed when the kernel exits)
+"""
+import contextlib
+import inspect
+import io
+import json
+import math
+import pathlib
+import sys
+import tempfile
+import textwrap
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from IPython import get_ipython  # noqa: E402
+from IPython.display import Image, Markdown, display  # noqa: E402
+
+import builtin_world as world  # noqa: E402
+import clip_model  # noqa: E402
+import lpi  # noqa: E402
+
+__all__ = ["ROOT", "CACHE", "WORK", "RC", "F", "Image", "Markdown", "clip_model", "contextlib", "display", "inspect", "io",
+           "json", "lpi", "math", "pathlib", "plt", "run_lpi", "show", "sys", "tempfile", "textwrap", "torch", "world"]
+
+# One thread: the tests run two notebooks side by side on two cores, and the tiny CLIP's
+# small matrices gain nothing from more (on a busy machine extra threads only spin).
+torch.set_num_threads(1)
+torch.manual_seed(0)
+RC = {"figure.dpi": 80, "savefig.dpi": 80, "font.size": 9}  # small pictures keep the notebooks small
+plt.rcParams.update(RC)
+
+WORK = tempfile.TemporaryDirectory()  # runs go here; removed when the notebook's kernel exits
+CACHE = WORK.name  # the tiny CLIP ships with the repository (tiny_clip.pt.xz): nothing is pre-trained here
+
+
+def show(obj, start=None, stop=None):
+    """Show the source of `obj` as it is in the repository: all of it, or from the first line
+    containing `start` through the next one containing `stop`."""
+    lines, first = inspect.getsourcelines(obj)
+    i = 0 if start is None else next(k for k, line in enumerate(lines) if start in line)
+    j = len(lines) if stop is None else next(k for k, line in enumerate(lines[i:], i) if stop in line) + 1
+    where = f"{pathlib.Path(inspect.getsourcefile(obj)).name}, line {first + i}"
+    display(Markdown(f"`{where}`\n```python\n{textwrap.dedent(''.join(lines[i:j]))}```"))
+
+
+def run_lpi(*flags, report=True):
+    """`python lpi.py FLAGS` in this process, writing into a fresh temporary folder. Prints
+    lpi.py's report (or, with report=False, its summary line; the folder shown as <out>);
+    returns (results.json as a dict, the folder)."""
+    out = tempfile.mkdtemp(dir=WORK.name)
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        code = lpi.main([*flags, "--cache-dir", CACHE, "--out", out, "--no-progress", "--workers", "0"])
+    text = log.getvalue().replace(out, "<out>").replace(CACHE, "<cache>")
+    print(text if report or code else " ".join(flags) + ": " + next((l for l in text.splitlines() if l.startswith("mean recall")), ""))
+    assert code == 0, "lpi.main failed (see above)"
+    if get_ipython() is not None:
+        get_ipython().run_line_magic("matplotlib", "inline")  # lpi's plots switched matplotlib to Agg
+    plt.rcParams.update(RC)
+    return json.loads((pathlib.Path(out) / "results.json").read_text()), pathlib.Path(out)
