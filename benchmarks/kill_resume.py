@@ -26,7 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-RUN = ["--tasks", "night,sunset,fog", "--max-train-per-task", "48", "--max-test-per-task", "24", "--epochs", "2",
+RUN = ["--tasks", "sea-animals,farm-animals,garden-tools", "--max-train-per-task", "48", "--max-test-per-task", "24", "--epochs", "2",
        "--batch-size", "16", "--no-progress", "--workers", "0"]
 # In the child: optionally die on the k-th os.replace, i.e. with the k-th atomic write's
 # temporary file complete and the real file not yet replaced.

@@ -90,8 +90,8 @@ def throughput(a) -> dict:
     if a.clip == "tiny":
         cfg, batch = clip_model.TINY, a.batch or lpi.TINY_DEFAULTS["batch_size"]
         J, M = lpi.TINY_DEFAULTS["J"], lpi.TINY_DEFAULTS["M"]
-        task = lpi.BUILTIN_TASKS["night"](n_train=batch, n_test=1, seed=0)
-        images, captions = lpi.normalize_images(task.train.images), [c[0] for c in task.train.captions]
+        task = lpi.BUILTIN_TASKS["sea-animals"](n_train=batch, n_test=1, seed=0)
+        images, captions = lpi.world.normalize_images(task.train.images), [c[0] for c in task.train.captions]
     else:
         cfg, batch = clip_model.CLIPConfig(), a.batch or 8  # CLIPConfig's defaults are ViT-B/16's
         J, M = lpi.PAPER_DEFAULTS["J"], lpi.PAPER_DEFAULTS["M"]

@@ -25,7 +25,7 @@ import lpi
 from fixtures import make_coco_fixture, make_flickr_fixture
 
 QUICK = ["--epochs", "1", "--batch-size", "4", "--no-progress", "--workers", "0"]
-BUILTIN = ["--tasks", "night", "--max-train-per-task", "16", "--max-test-per-task", "8", *QUICK]
+BUILTIN = ["--tasks", "sea-animals", "--max-train-per-task", "16", "--max-test-per-task", "8", *QUICK]
 
 
 @dataclass
@@ -147,8 +147,8 @@ CASES = [
     Case("device not on this machine", lambda t: [*BUILTIN, "--out", str(t / "out"), "--device", unavailable_device()],
          ("not available",)),
     # --- tasks and the data layout
-    Case("unknown task", lambda t: ["--tasks", "night,mars", "--out", str(t / "out"), *QUICK], ("'mars'", "valid task names")),
-    Case("task twice", lambda t: ["--tasks", "night,night", "--out", str(t / "out"), *QUICK], ("more than once",)),
+    Case("unknown task", lambda t: ["--tasks", "sea-animals,mars", "--out", str(t / "out"), *QUICK], ("'mars'", "valid task names")),
+    Case("task twice", lambda t: ["--tasks", "sea-animals,sea-animals", "--out", str(t / "out"), *QUICK], ("more than once",)),
     Case("no tasks", lambda t: ["--tasks", ",", "--out", str(t / "out"), *QUICK], ("--tasks is empty",)),
     Case("real data without --data-root", lambda t: ["--tasks", "flickr", "--out", str(t / "out"), *QUICK], ("--data-root",)),
     Case("data root missing", lambda t: ["--tasks", "flickr", "--data-root", str(t / "nowhere"), "--out", str(t / "out"), *QUICK],
@@ -207,9 +207,9 @@ FINISHED: Path  # a finished built-in run, made once (module fixture)
 @pytest.fixture(scope="module", autouse=True)
 def backbone_and_finished_run(tmp_path_factory):
     global FINISHED
-    clip = lpi.load_or_build_tiny_clip(tmp_path_factory.mktemp("cache"), progress=False)
+    clip = lpi.world.load_or_build_tiny_clip(tmp_path_factory.mktemp("cache"), progress=False)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lpi, "load_or_build_tiny_clip", lambda *a, **k: copy.deepcopy(clip))
+        mp.setattr(lpi.world, "load_or_build_tiny_clip", lambda *a, **k: copy.deepcopy(clip))
         FINISHED = tmp_path_factory.mktemp("finished") / "run"
         assert lpi.main([*BUILTIN, "--out", str(FINISHED)]) == 0
         yield

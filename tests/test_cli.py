@@ -26,7 +26,7 @@ QUICK = ["--pretrain-steps", "3", "--epochs", "1", "--batch-size", "16", "--no-p
 def cache_dir(tmp_path_factory):
     """A tiny CLIP cache shared by every run of the session (built by the first one)."""
     d = tmp_path_factory.mktemp("lpi_cache")
-    lpi.load_or_build_tiny_clip(d, steps=3, progress=False)
+    lpi.world.load_or_build_tiny_clip(d, steps=3, progress=False)
     return d
 
 
@@ -94,7 +94,7 @@ def _results_numbers(path: Path) -> dict:
 def test_kill_during_task_2_then_resume_equals_uninterrupted(tmp_path, cache_dir):
     """Kill -9 the run during task 2 of 3, then --resume: the same results.json numbers as one
     uninterrupted run with the same seed."""
-    args = ["--tasks", "night,sunset,fog", "--max-train-per-task", "96", "--max-test-per-task", "48",
+    args = ["--tasks", "sea-animals,farm-animals,garden-tools", "--max-train-per-task", "96", "--max-test-per-task", "48",
             "--epochs", "3", *QUICK[:2], *QUICK[4:]]
     full = tmp_path / "full"
     p = run_cli([*args, "--out", str(full)], cache_dir)
@@ -144,7 +144,7 @@ def _bad(args, cache_dir, *needles, capsys=None):
 
 def test_unknown_task_name(tmp_path, cache_dir):
     """In a fresh interpreter, as a user meets it."""
-    _bad(["--tasks", "night,mars", "--out", str(tmp_path / "o"), *QUICK], cache_dir, "'mars'", "valid task names")
+    _bad(["--tasks", "sea-animals,mars", "--out", str(tmp_path / "o"), *QUICK], cache_dir, "'mars'", "valid task names")
 
 
 def test_missing_data_root(tmp_path, cache_dir, capsys):
@@ -198,10 +198,10 @@ def test_bad_input_leaves_existing_run_untouched(tmp_path, cache_dir):
     """A finished run's results and checkpoints survive a second, bad invocation on the same --out,
     and a plain re-run on it refuses instead of overwriting."""
     out = tmp_path / "run"
-    args = ["--tasks", "night", "--max-train-per-task", "32", "--max-test-per-task", "16", *QUICK]
+    args = ["--tasks", "sea-animals", "--max-train-per-task", "32", "--max-test-per-task", "16", *QUICK]
     assert run_cli([*args, "--out", str(out)], cache_dir).returncode == 0
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    _bad([*args, "--out", str(out), "--resume", "--tasks", "night,nonsense"], cache_dir, "nonsense")
+    _bad([*args, "--out", str(out), "--resume", "--tasks", "sea-animals,nonsense"], cache_dir, "nonsense")
     _bad([*args, "--out", str(out)], cache_dir, "--resume")
     _bad([*args, "--out", str(out), "--resume", "--alpha", "0.3"], cache_dir, "alpha")
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
@@ -215,11 +215,11 @@ def test_export_tiny_clip_writes_what_pretraining_gives(tmp_path):
     path = tmp_path / "tiny.pt.xz"
     assert lpi.main(["--export-tiny-clip", str(path), "--pretrain-steps", "3", "--cache-dir", str(tmp_path / "cache"),
                      "--no-progress"]) == 0
-    key, exported = lpi.read_tiny_clip(path)
-    assert key == lpi._settings_key(3, 0, lpi.PRETRAIN_DEFAULTS["batch_size"], {})[1]
-    fresh = lpi.pretrain_tiny_clip(steps=3, progress=False).state_dict()
+    key, exported = lpi.world.read_tiny_clip(path)
+    assert key == lpi.world.settings_key(3)[1]
+    fresh = lpi.world.pretrain_tiny_clip(steps=3, progress=False).state_dict()
     keep = torch.zeros(fresh["token_embedding.weight"].shape[0], dtype=torch.bool)
-    keep[lpi.builtin_vocabulary()] = True
+    keep[lpi.world.world_vocabulary()] = True
     for k, a in exported.state_dict().items():
         want = fresh[k].half().float()
         if k == "token_embedding.weight":
@@ -229,7 +229,7 @@ def test_export_tiny_clip_writes_what_pretraining_gives(tmp_path):
 
 def test_shipped_tiny_clip_matches_the_default_settings():
     """The shipped backbone was built with today's defaults, so `python lpi.py` never pre-trains."""
-    _, key = lpi._settings_key(lpi.PRETRAIN_DEFAULTS["steps"], 0, lpi.PRETRAIN_DEFAULTS["batch_size"], {})
-    shipped_key, model = lpi.read_tiny_clip(lpi.SHIPPED_TINY_CLIP)
+    _, key = lpi.world.settings_key(lpi.world.PRETRAIN_DEFAULTS["steps"])
+    shipped_key, model = lpi.world.read_tiny_clip(lpi.world.SHIPPED_TINY_CLIP)
     assert shipped_key == key, "tiny_clip.pt.xz is stale: rebuild it with python lpi.py --export-tiny-clip tiny_clip.pt.xz"
     assert model.cfg == lpi.clip_model.TINY

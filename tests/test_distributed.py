@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN = ["--tasks", "night,fog", "--max-train-per-task", "48", "--max-test-per-task", "24", "--epochs", "2",
+RUN = ["--tasks", "sea-animals,garden-tools", "--max-train-per-task", "48", "--max-test-per-task", "24", "--epochs", "2",
        "--no-progress", "--workers", "0"]
 
 
@@ -46,7 +46,7 @@ def test_two_processes_equal_one_with_the_global_batch(tmp_path):
             assert all(close(x, y) for x, y in zip(a["zeroshot"]["recall"][d][K], b["zeroshot"]["recall"][d][K]))
     # outputs exist once: one table on stdout, one set of files
     assert two.stdout.count("mean recall") == 1 and two.stdout.count("wrote ") == 1
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoints", "recall_r1.png", "results.json"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoints", "recall_r1.png", "results.json", "retrievals.png"]
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["task_01.pt", "task_02.pt"]
     # --resume works under torchrun (here: after the last task, so only the final evaluation runs again)
     again = launch([*RUN, "--batch-size", "8", "--out", str(tmp_path / "two"), "--resume"], 2)

@@ -18,7 +18,7 @@ import lpi
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """The shipped tiny CLIP (lpi.py's default backbone)."""
-    return lpi.load_or_build_tiny_clip(tmp_path_factory.mktemp("cache"), progress=False)
+    return lpi.world.load_or_build_tiny_clip(tmp_path_factory.mktemp("cache"), progress=False)
 
 
 def _off(T):
@@ -216,7 +216,7 @@ def test_help_shows_the_new_switches_with_defaults():
 
 def test_results_hold_task_similarity_and_targets(tmp_path, tiny_clip, monkeypatch, capsys):
     """`python lpi.py` (here at reduced size) writes S and Y to results.json and says how Y splits the pairs."""
-    monkeypatch.setattr(lpi, "load_or_build_tiny_clip", lambda *a, **k: copy.deepcopy(tiny_clip))
+    monkeypatch.setattr(lpi.world, "load_or_build_tiny_clip", lambda *a, **k: copy.deepcopy(tiny_clip))
     for source in ("names", "centroids"):
         out = tmp_path / source
         assert lpi.main(["--max-train-per-task", "24", "--max-test-per-task", "8", "--epochs", "1",

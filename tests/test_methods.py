@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import lpi
 
 TINY_RUN = ["--max-train-per-task", "32", "--max-test-per-task", "16", "--epochs", "1",
-            "--batch-size", "16", "--no-progress", "--workers", "0", "--tasks", "night,fog"]
+            "--batch-size", "16", "--no-progress", "--workers", "0", "--tasks", "sea-animals,garden-tools"]
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +25,7 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_clip(cache_dir):
-    return lpi.load_or_build_tiny_clip(cache_dir, progress=False)
+    return lpi.world.load_or_build_tiny_clip(cache_dir, progress=False)
 
 
 def check_results(res: dict, T: int, method: str):
@@ -57,10 +57,10 @@ def check_results(res: dict, T: int, method: str):
 def runs(tmp_path_factory, cache_dir):
     """One tiny run per method: {method: results.json}. The backbone is read from disk once
     (loading is tested in test_cli.py); each run gets its own copy."""
-    clip = lpi.load_or_build_tiny_clip(cache_dir, progress=False)
+    clip = lpi.world.load_or_build_tiny_clip(cache_dir, progress=False)
     out = {}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lpi, "load_or_build_tiny_clip", lambda *a, **k: copy.deepcopy(clip))
+        mp.setattr(lpi.world, "load_or_build_tiny_clip", lambda *a, **k: copy.deepcopy(clip))
         for method in lpi.METHODS:
             d = tmp_path_factory.mktemp(f"run_{method}")
             assert lpi.main(["--method", method, "--cache-dir", str(cache_dir), "--out", str(d), *TINY_RUN]) == 0

@@ -50,17 +50,17 @@ def test_unknown_random_architecture(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    return lpi.load_or_build_tiny_clip(tmp_path_factory.mktemp("cache"), progress=False)
+    return lpi.world.load_or_build_tiny_clip(tmp_path_factory.mktemp("cache"), progress=False)
 
 
 def test_bf16_on_cpu_is_within_tolerance_of_fp32(tmp_path, tiny_clip, monkeypatch):
     """--precision bf16 trains and evaluates on the CPU; its mean recall is within 3 points
     of fp32's (the encoders' matmuls in bf16, prompts and losses in fp32)."""
-    monkeypatch.setattr(lpi, "load_or_build_tiny_clip", lambda *a, **k: copy.deepcopy(tiny_clip))
+    monkeypatch.setattr(lpi.world, "load_or_build_tiny_clip", lambda *a, **k: copy.deepcopy(tiny_clip))
     summary = {}
     for precision in ("fp32", "bf16"):
         out = tmp_path / precision
-        assert lpi.main(["--tasks", "night,fog", "--max-train-per-task", "128", "--max-test-per-task", "64",
+        assert lpi.main(["--tasks", "sea-animals,garden-tools", "--max-train-per-task", "128", "--max-test-per-task", "64",
                          "--epochs", "2", "--no-progress", "--precision", precision, "--out", str(out)]) == 0
         summary[precision] = json.loads((out / "results.json").read_text())["summary"]
     assert summary["fp32"] != summary["bf16"]                     # bf16 really ran

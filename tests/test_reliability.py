@@ -29,7 +29,7 @@ import clip_model
 import lpi
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--tasks", "night,fog", "--max-train-per-task", "32", "--max-test-per-task", "16", "--epochs", "1",
+SMALL = ["--tasks", "sea-animals,garden-tools", "--max-train-per-task", "32", "--max-test-per-task", "16", "--epochs", "1",
          "--batch-size", "16", "--no-progress", "--workers", "0"]
 
 
@@ -42,13 +42,13 @@ def load_script(name: str):
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    return lpi.load_or_build_tiny_clip(tmp_path_factory.mktemp("cache"), progress=False)
+    return lpi.world.load_or_build_tiny_clip(tmp_path_factory.mktemp("cache"), progress=False)
 
 
 @pytest.fixture
 def in_process(tiny_clip, monkeypatch):
     """lpi.main in this process, the backbone read once."""
-    monkeypatch.setattr(lpi, "load_or_build_tiny_clip", lambda *a, **k: copy.deepcopy(tiny_clip))
+    monkeypatch.setattr(lpi.world, "load_or_build_tiny_clip", lambda *a, **k: copy.deepcopy(tiny_clip))
     return lpi.main
 
 
