@@ -11,7 +11,8 @@ Reading order = the paper's order, then the data flow:
   §4    hierarchical low-rank contrastive loss;  §5 task contrastive constraint; CLIP loss
   -     the LPI model: frozen CLIP + per-task prompt sets; parameter accounting
   §6    task identity at test time: k-means keys and routing
-  data  built-in procedural tasks, COCO / Flickr30K (Karpathy), COCO super-category tasks
+  data  the built-in tasks (drawn by builtin_world.py), COCO / Flickr30K (Karpathy), COCO
+        super-category tasks
   §7    evaluation (Recall@K), the continual training loop, checkpoints, the command line
 
 Run `python lpi.py` for the whole method on built-in data on a laptop CPU, or
@@ -30,7 +31,7 @@ import socket
 import sys
 from collections import Counter, defaultdict
 from contextlib import contextmanager, nullcontext
-from functools import lru_cache
+from functools import lru_cache, partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -42,6 +43,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
+import builtin_world as world
 import clip_model
 
 
@@ -219,18 +221,10 @@ class Interaction(nn.Module):
 # §4-5  Losses: CLIP's InfoNCE, hierarchical low-rank contrastive, task contrastive
 # ========================================================================================
 
-def symmetric_info_nce(logits: torch.Tensor) -> torch.Tensor:
-    """Row i's positive is column i, in both directions: (CE(logits) + CE(logits^T)) / 2."""
-    target = torch.arange(logits.shape[0], device=logits.device)
-    logits = logits.float()  # the softmax of a bf16/fp16 logit matrix loses the small terms
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
-
-
-def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """CLIP's contrastive loss on a batch of matching pairs, with CLIP's own (frozen)
-    temperature: L_clip = InfoNCE(exp(s) * norm(img) @ norm(txt)^T)."""
-    img, txt = F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
-    return symmetric_info_nce(logit_scale.exp() * img @ txt.t())
+# L_clip, the loss every method trains with, is CLIP's own: clip_model.clip_loss (the tiny
+# CLIP is pre-trained with the same function). The hierarchical losses below reuse its
+# symmetric InfoNCE on other logits.
+clip_loss, symmetric_info_nce = clip_model.clip_loss, clip_model.symmetric_info_nce
 
 
 def standardize_tokens(P: torch.Tensor) -> torch.Tensor:
@@ -876,477 +870,19 @@ class TaskRouter:
 
 
 # ========================================================================================
-# Data (1/2): the built-in procedural tasks and the tiny CLIP pre-trained on them
+# Data (1/2): the built-in tasks (builtin_world.py: the benchmark, not the method)
 # ========================================================================================
 
-def normalize_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> float, normalised with CLIP's own mean / std (not ImageNet's)."""
-    mean = torch.tensor(clip_model.CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(clip_model.CLIP_STD).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - mean) / std
-
-
-# ----------------------------------------------------------------------------------------
-# The world: vocabulary and scenes
-#
-# A scene is two objects, each a (shape, colour, size), side by side or one above the
-# other. Object 0 is always the left (or top) one; the caption names either object first
-# ("a red circle left of a blue square" = "a blue square right of a red circle"), so all
-# four relation words occur. The two objects never share a colour, so that a caption
-# cannot be matched by colours alone and the binding of colour to shape matters.
-# ----------------------------------------------------------------------------------------
-
-IMAGE_SIZE = 32
-SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond")
-COLOURS = {  # name -> RGB in [0, 1]
-    "red": (0.86, 0.16, 0.16), "green": (0.16, 0.78, 0.24), "blue": (0.20, 0.32, 0.92),
-    "yellow": (0.92, 0.86, 0.20), "purple": (0.60, 0.24, 0.80), "cyan": (0.20, 0.82, 0.86),
-    "orange": (0.95, 0.55, 0.12), "white": (0.95, 0.95, 0.95),
-}
-COLOUR_NAMES = tuple(COLOURS)
-SIZES = {"small": 4.5, "large": 7.0}  # radius in pixels
-SIZE_NAMES = tuple(SIZES)
-N_OBJECTS = len(SHAPES) * len(COLOURS) * len(SIZES)  # 96 distinct objects
-# Bump when the drawing or the captions change: it is part of the tiny CLIP's cache key.
-DATA_VERSION = 2
-
-
-@dataclass
-class Scenes:
-    """N scenes as tensors; (N, 2) fields hold object 0 (left / top) and object 1."""
-    shape: torch.Tensor    # (N, 2) index into SHAPES
-    colour: torch.Tensor   # (N, 2) index into COLOUR_NAMES
-    size: torch.Tensor     # (N, 2) index into SIZE_NAMES
-    vertical: torch.Tensor  # (N,) bool: object 0 above object 1 (else left of it)
-    first: torch.Tensor    # (N,) which object the caption names first (0 or 1)
-
-    def __len__(self) -> int:
-        return len(self.first)
-
-
-def sample_scenes(n: int, g: torch.Generator, exclude: torch.Tensor | None = None) -> tuple[Scenes, torch.Tensor]:
-    """n distinct scenes (distinct while n fits the 16,128 valid scenes; beyond, repeats).
-
-    A scene is coded as ((object0 * N_OBJECTS) + object1) * 2 + vertical. A random
-    permutation of the codes, valid ones only, gives distinct scenes; `exclude` (codes)
-    keeps e.g. a task's test scenes out of its training set. Returns (scenes, codes).
-    """
-    codes = torch.randperm(N_OBJECTS * N_OBJECTS * 2, generator=g)
-    obj0, obj1 = (codes // 2) // N_OBJECTS, (codes // 2) % N_OBJECTS
-    n_col = len(COLOURS)
-    valid = (obj0 // len(SHAPES)) % n_col != (obj1 // len(SHAPES)) % n_col
-    if exclude is not None:
-        valid &= ~torch.isin(codes, exclude)
-    codes = codes[valid]
-    if n > len(codes):  # more than there are: sample with replacement
-        codes = codes[torch.randint(len(codes), (n,), generator=g)]
-    codes = codes[:n]
-    obj = torch.stack([(codes // 2) // N_OBJECTS, (codes // 2) % N_OBJECTS], dim=1)  # (n, 2)
-    scenes = Scenes(shape=obj % len(SHAPES), colour=(obj // len(SHAPES)) % n_col,
-                    size=obj // (len(SHAPES) * n_col), vertical=(codes % 2).bool(),
-                    first=torch.randint(2, (n,), generator=g))
-    return scenes, codes
-
-
-# ----------------------------------------------------------------------------------------
-# Drawing, vectorised over the batch: every pixel of every image at once
-# ----------------------------------------------------------------------------------------
-
-def shape_masks(shape: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """Boolean masks (N, H, W) of N shapes with centres (cx, cy) and radii r (all (N,))."""
-    pix = torch.arange(IMAGE_SIZE, dtype=torch.float32) + 0.5          # pixel centres
-    u = (pix.view(1, 1, -1) - cx.view(-1, 1, 1)) / r.view(-1, 1, 1)     # (N, 1, W), x / r
-    v = (pix.view(1, -1, 1) - cy.view(-1, 1, 1)) / r.view(-1, 1, 1)     # (N, H, 1), y / r (down)
-    # Each shape is an inequality in the object's own unit coordinates (u, v); SHAPES order.
-    tests = [
-        lambda u, v: u ** 2 + v ** 2 <= 1.0,                                             # circle
-        lambda u, v: torch.maximum(u.abs(), v.abs()) <= 0.8,                             # square
-        lambda u, v: (v <= 0.7) & (u.abs() <= (v + 0.95) * 0.62),                        # triangle, apex up
-        lambda u, v: (torch.minimum(u.abs(), v.abs()) <= 0.3) & (torch.maximum(u.abs(), v.abs()) <= 0.95),  # cross
-        lambda u, v: ((u ** 2 + v ** 2) <= 1.0) & ((u ** 2 + v ** 2) >= 0.5 ** 2),       # ring
-        lambda u, v: u.abs() + v.abs() <= 1.05,                                          # diamond
-    ]
-    masks = torch.zeros(len(shape), IMAGE_SIZE, IMAGE_SIZE, dtype=torch.bool)
-    for s, inside in enumerate(tests):  # each object is tested against its own shape only
-        idx = (shape == s).nonzero().squeeze(1)
-        masks[idx] = inside(u[idx], v[idx])
-    return masks                                                        # (N, H, W)
-
-
-def layout(scenes: Scenes, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Object centres (N, 2) x and y: object 0 on the left (top), object 1 on the right
-    (bottom), with random jitter that never lets the relation become ambiguous."""
-    n = len(scenes)
-    along = torch.stack([6.5 + 2.5 * torch.rand(n, generator=g), 23 + 2.5 * torch.rand(n, generator=g)], 1)
-    across = 12 + 8 * torch.rand(n, 2, generator=g)  # the other axis: |difference| <= 8 < 12
-    vert = scenes.vertical.view(-1, 1)
-    return torch.where(vert, across, along), torch.where(vert, along, across)
-
-
-def draw(scenes: Scenes, background: torch.Tensor, colours: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Paint the two objects of every scene onto `background` (N, 3, H, W), filled with
-    `colours` (N, 2, 3); float images in [0, 1]."""
-    cx, cy = layout(scenes, g)
-    radius = torch.tensor(list(SIZES.values()))[scenes.size]            # (N, 2)
-    img = background.clone()
-    for k in range(2):
-        mask = shape_masks(scenes.shape[:, k], cx[:, k], cy[:, k], radius[:, k]).unsqueeze(1)  # (N, 1, H, W)
-        img = torch.where(mask, colours[:, k].view(-1, 3, 1, 1), img)
-    return img
-
-
-def base_colours(scenes: Scenes, g: torch.Generator, jitter: float = 0.06) -> torch.Tensor:
-    """The RGB of each object (N, 2, 3), with a little per-object jitter."""
-    table = torch.tensor(list(COLOURS.values()))
-    rgb = table[scenes.colour]
-    return (rgb + jitter * (2 * torch.rand(rgb.shape, generator=g) - 1)).clamp(0, 1)
-
-
-def grey_background(n: int, g: torch.Generator, low: float = 0.15, high: float = 0.40) -> torch.Tensor:
-    """Plain grey backgrounds of random brightness, slightly tinted: (N, 3, H, W)."""
-    level = low + (high - low) * torch.rand(n, 1, 1, 1, generator=g)
-    tint = 0.03 * (2 * torch.rand(n, 3, 1, 1, generator=g) - 1)
-    return (level + tint).expand(n, 3, IMAGE_SIZE, IMAGE_SIZE)
-
-
-def add_noise(img: torch.Tensor, std: float, g: torch.Generator) -> torch.Tensor:
-    return img + std * torch.randn(img.shape, generator=g)
-
-
-# ----------------------------------------------------------------------------------------
-# Captions
-# ----------------------------------------------------------------------------------------
-
-def object_phrases(scenes: Scenes) -> list[tuple[str, str]]:
-    """("small red circle", "large blue square") for object 0 and object 1 of every scene."""
-    out = []
-    for s, c, z in zip(scenes.shape.tolist(), scenes.colour.tolist(), scenes.size.tolist()):
-        out.append(tuple(f"{SIZE_NAMES[z[k]]} {COLOUR_NAMES[c[k]]} {SHAPES[s[k]]}" for k in range(2)))
-    return out
-
-
-def relational_parts(scenes: Scenes) -> list[tuple[str, str, str]]:
-    """(subject, relation, object) per scene, the subject being the object named first:
-    ("small red circle", "left of", "large blue square")."""
-    parts = []
-    for (p0, p1), vert, first in zip(object_phrases(scenes), scenes.vertical.tolist(), scenes.first.tolist()):
-        rel = ("above", "below") if vert else ("left of", "right of")
-        parts.append((p0, rel[0], p1) if first == 0 else (p1, rel[1], p0))
-    return parts
-
-
-# ----------------------------------------------------------------------------------------
-# Domains: a painter (visual style) and a captioner (verbal style) each
-# ----------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Domain:
-    name: str
-    paint: Callable[[Scenes, torch.Generator], torch.Tensor]   # -> float (N, 3, H, W) in [0, 1]
-    caption: Callable[[Scenes], list[str]]
-
-
-def _paint_generic(scenes: Scenes, g: torch.Generator) -> torch.Tensor:
-    """Plain: grey background of random brightness, true colours, faint noise."""
-    img = draw(scenes, grey_background(len(scenes), g), base_colours(scenes, g), g)
-    return add_noise(img, 0.02, g)
-
-
-def _caption_generic(scenes: Scenes) -> list[str]:
-    return [f"a {s} {r} a {o}" for s, r, o in relational_parts(scenes)]
-
-
-def blend(x: torch.Tensor, colour, alpha: float) -> torch.Tensor:
-    """(1 - alpha) * x + alpha * colour: a colour cast / haze over x (..., 3, ...) or (..., 3)."""
-    c = torch.tensor(colour, dtype=x.dtype)
-    c = c.view(3, 1, 1) if x.dim() == 4 else c
-    return (1 - alpha) * x + alpha * c
-
-
-def blur(img: torch.Tensor) -> torch.Tensor:
-    """3x3 box blur with replicated borders."""
-    return F.avg_pool2d(F.pad(img, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-
-
-def _paint_night(scenes: Scenes, g: torch.Generator) -> torch.Tensor:
-    """Night: a near-black blue sky with stars; the objects dimmed towards the dark."""
-    n = len(scenes)
-    sky = torch.tensor([0.02, 0.03, 0.10]).view(1, 3, 1, 1) + 0.03 * torch.rand(n, 1, 1, 1, generator=g)
-    stars = (torch.rand(n, 1, IMAGE_SIZE, IMAGE_SIZE, generator=g) < 0.02).float()
-    background = sky.expand(n, 3, IMAGE_SIZE, IMAGE_SIZE) + 0.8 * stars
-    colours = blend(base_colours(scenes, g), (0.02, 0.03, 0.10), 0.5)
-    return add_noise(draw(scenes, background, colours, g), 0.02, g)
-
-
-def _caption_night(scenes: Scenes) -> list[str]:
-    return [f"at night, a dim {s} is {r} a dim {o}" for s, r, o in relational_parts(scenes)]
-
-
-def _paint_sunset(scenes: Scenes, g: torch.Generator) -> torch.Tensor:
-    """Sunset: a dusky orange-to-purple sky, and a warm orange cast over the objects."""
-    n = len(scenes)
-    t = torch.linspace(0, 1, IMAGE_SIZE).view(1, 1, -1, 1)                # 0 at the top
-    top, bottom = torch.tensor([0.55, 0.30, 0.15]), torch.tensor([0.30, 0.12, 0.24])
-    sky = top.view(1, 3, 1, 1) * (1 - t) + bottom.view(1, 3, 1, 1) * t      # (1, 3, H, 1)
-    background = (sky + 0.04 * torch.rand(n, 1, 1, 1, generator=g)).expand(n, 3, IMAGE_SIZE, IMAGE_SIZE)
-    colours = blend(base_colours(scenes, g), (1.0, 0.5, 0.1), 0.35)
-    return add_noise(draw(scenes, background, colours, g), 0.02, g)
-
-
-def _caption_sunset(scenes: Scenes) -> list[str]:
-    return [f"the {s} is {r} the {o} at sunset" for s, r, o in relational_parts(scenes)]
-
-
-def _paint_underwater(scenes: Scenes, g: torch.Generator) -> torch.Tensor:
-    """Under water: a teal background with wavy light bands, a cool blue-green cast, and
-    everything slightly blurred."""
-    n = len(scenes)
-    y = torch.arange(IMAGE_SIZE, dtype=torch.float32).view(1, 1, -1, 1)
-    x = torch.arange(IMAGE_SIZE, dtype=torch.float32).view(1, 1, 1, -1)
-    phase = 2 * math.pi * torch.rand(n, 1, 1, 1, generator=g)
-    waves = torch.sin(0.8 * y + 1.5 * torch.sin(0.4 * x + phase) + phase)  # (N, 1, H, W) caustics
-    background = torch.tensor([0.04, 0.22, 0.32]).view(1, 3, 1, 1) + 0.06 * waves
-    colours = blend(base_colours(scenes, g), (0.0, 0.45, 0.55), 0.35)
-    return add_noise(blur(draw(scenes, background, colours, g)), 0.02, g)
-
-
-def _caption_underwater(scenes: Scenes) -> list[str]:
-    return [f"under water, one {s} floats {r} one {o}" for s, r, o in relational_parts(scenes)]
-
-
-def _paint_fog(scenes: Scenes, g: torch.Generator) -> torch.Tensor:
-    """Fog: the plain picture blurred and washed out half-way towards a light grey."""
-    img = blur(draw(scenes, grey_background(len(scenes), g), base_colours(scenes, g), g))
-    fog = 0.55 + 0.10 * torch.rand(len(scenes), 1, 1, 1, generator=g)
-    return add_noise(0.5 * img + 0.5 * fog, 0.02, g)
-
-
-def _caption_fog(scenes: Scenes) -> list[str]:
-    out = []
-    for (p0, p1), vert in zip(object_phrases(scenes), scenes.vertical.tolist()):
-        out.append(f"foggy view. top: {p0}; bottom: {p1}" if vert else f"foggy view. left: {p0}; right: {p1}")
-    return out
-
-
-GENERIC = Domain("generic", _paint_generic, _caption_generic)
-DOMAINS = {d.name: d for d in (
-    Domain("night", _paint_night, _caption_night),
-    Domain("sunset", _paint_sunset, _caption_sunset),
-    Domain("underwater", _paint_underwater, _caption_underwater),
-    Domain("fog", _paint_fog, _caption_fog),
-)}
-
-
-@contextmanager
-def _one_thread():
-    """Drawing is many small element-wise ops; on a busy 2-core machine the thread pool's
-    synchronisation costs far more than the work (measured: 25x slower), so draw on one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-def render(domain: Domain, scenes: Scenes, g: torch.Generator) -> ImageCaptionSet:
-    """Scenes -> uint8 images in the domain's visual style and one caption each in its verbal style."""
-    with _one_thread():
-        img = domain.paint(scenes, g)
-        images = (img.clamp(0, 1) * 255).round().to(torch.uint8)
-    return ImageCaptionSet(images=images, captions=[[c] for c in domain.caption(scenes)])
-
-
-def _generator(seed: int, salt: str) -> torch.Generator:
-    """A torch RNG seeded by (seed, salt): every domain and split gets its own stream."""
-    digest = hashlib.sha256(f"{seed}/{salt}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-
-
-def generic_mixture(n: int, seed: int = 0) -> ImageCaptionSet:
-    """n pairs of the plain pre-training domain, distinct scenes, deterministic by seed."""
-    g = _generator(seed, "generic")
-    scenes, _ = sample_scenes(n, g)
-    return render(GENERIC, scenes, g)
-
-
-def make_task(name: str, n_train: int = 2000, n_test: int = 300, seed: int = 0) -> Task:
-    """The built-in task `name`: distinct scenes, test scenes never seen in training."""
-    domain = DOMAINS[name]
-    g = _generator(seed, name)
-    test_scenes, test_codes = sample_scenes(n_test, g)
-    train_scenes, _ = sample_scenes(n_train, g, exclude=test_codes)
-    return Task(name, train=render(domain, train_scenes, g), test=render(domain, test_scenes, g))
-
-
-BUILTIN_TASKS: dict[str, Callable[..., Task]] = {
-    name: (lambda n_train=2000, n_test=300, seed=0, _name=name: make_task(_name, n_train, n_test, seed))
-    for name in DOMAINS
-}
-
-
-# ----------------------------------------------------------------------------------------
-# Pre-training the tiny CLIP on the generic mixture
-#
-# Stand-in for CLIP's web-scale pre-training: the symmetric InfoNCE of Radford et al.
-# (2021) with the learnable temperature, on a fresh batch of generic pairs every step
-# (the generator is the data set: no pair is seen twice).
-#     logits = exp(s) * norm(f_img) @ norm(f_txt)^T,   L = (CE(logits, I) + CE(logits^T, I)) / 2
-#
-# Prompt-slot augmentation [ours]. A web-scale CLIP shrugs off a few extra tokens: captions
-# vary in length and wording, so words move around. Our tiny CLIP sees one template at
-# fixed positions and does not: inserting 4 untrained prompt tokens into each encoder
-# halved its R@1 (measured, 27 % -> 15 %), so every prompt method would start below zero-shot.
-# So in a fraction of the batches, a random number of random vocabulary tokens sits between
-# SOT and the caption (exactly where text prompts go), and random tokens sit after CLS
-# (where visual prompts go); the encoders learn to read past whatever is there.
-# ----------------------------------------------------------------------------------------
-
-PRETRAIN_DEFAULTS = dict(steps=600, batch_size=128, lr=2e-3, weight_decay=0.05, warmup=15,
-                         slot_augment=0.5, max_slot_tokens=8)
-
-
-def pretrain_loss(model: clip_model.CLIP, images: torch.Tensor, tokens: torch.Tensor,
-              visual_prompts: torch.Tensor | None = None) -> torch.Tensor:
-    """Symmetric InfoNCE over a batch of matching pairs (row i <-> column i)."""
-    img = F.normalize(model.encode_image(images, visual_prompts), dim=-1)
-    txt = F.normalize(model.encode_text(tokens), dim=-1)
-    logits = model.logit_scale.exp().clamp(max=100) * img @ txt.t()   # (B, B)
-    target = torch.arange(len(img))
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
-
-
-def pretrain_tiny_clip(steps: int = PRETRAIN_DEFAULTS["steps"], batch_size: int = PRETRAIN_DEFAULTS["batch_size"],
-                       seed: int = 0, lr: float = PRETRAIN_DEFAULTS["lr"],
-                       weight_decay: float = PRETRAIN_DEFAULTS["weight_decay"],
-                       warmup: int = PRETRAIN_DEFAULTS["warmup"],
-                       slot_augment: float = PRETRAIN_DEFAULTS["slot_augment"],
-                       max_slot_tokens: int = PRETRAIN_DEFAULTS["max_slot_tokens"],
-                       config: clip_model.CLIPConfig = clip_model.TINY,
-                       progress: bool = True) -> clip_model.CLIP:
-    """Train clip_model.CLIP(config) from scratch on the generic mixture.
-
-    AdamW, linear warm-up for `warmup` steps then cosine decay to zero. Weight decay only
-    on matrices (not on biases, LayerNorm gains, the temperature). A fraction
-    `slot_augment` of the batches carries 1..max_slot_tokens random tokens in the prompt
-    slots of both encoders (see above). Returns the model in eval mode.
-    """
-    from tqdm import tqdm
-
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    model = clip_model.CLIP(config)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: (i + 1) / warmup if i < warmup else 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, steps - warmup))))
-    model.train()
-    bar = tqdm(range(steps), desc="pre-training tiny CLIP", disable=not progress)
-    for step in bar:
-        batch = generic_mixture(batch_size, seed=seed * 1_000_003 + step)
-        captions = [c[0] for c in batch.captions]
-        visual_prompts, m_text = None, 0
-        if torch.rand(1, generator=g).item() < slot_augment:
-            m_text, m_vis = torch.randint(1, max_slot_tokens + 1, (2,), generator=g).tolist()
-            visual_prompts = torch.randn(batch_size, 1, m_vis, config.vision_width, generator=g)  # (B, J=1, M, D)
-        tokens = clip_model.tokenize(captions, context_length=config.context_length, truncate=True,
-                                     prompt_length=m_text)
-        if m_text:  # the placeholders become random words (ids 256.. are the merged BPE tokens)
-            tokens[:, 1:1 + m_text] = torch.randint(256, config.vocab_size - 2, (batch_size, m_text), generator=g)
-        loss = pretrain_loss(model, normalize_images(batch.images), tokens, visual_prompts)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    return model.eval()
-
-
-# The tiny CLIP is shipped with the repository (tiny_clip.pt.xz, ~3 MB) so that
-# `python lpi.py` spends its minutes on LPI, not on pre-training a backbone. The file is
-# exactly what `load_or_build_tiny_clip` builds from the settings it records: rebuild it
-# with `python lpi.py --export-tiny-clip tiny_clip.pt.xz` (about 10 CPU minutes at the
-# default PRETRAIN_DEFAULTS). Two things keep it small: the token-embedding rows of words
-# the built-in data never uses are zeroed (they never received a gradient: their values
-# are the random initialisation, and the tiny CLIP only ever reads built-in captions), so
-# xz compresses them away; and the weights are stored in fp16 (the model is fp32 after
-# loading, and fp16 storage is part of the definition of the tiny CLIP, cache included).
-SHIPPED_TINY_CLIP = Path(__file__).with_name("tiny_clip.pt.xz")
-
-
-def builtin_vocabulary() -> torch.Tensor:
-    """Token ids the built-in data can produce (every domain's captions, the generic
-    mixture, the prompt placeholder, SOT/EOT), found by tokenizing a large sample."""
-    texts = [c[0] for c in generic_mixture(3000, seed=12345).captions]
-    for name in DOMAINS:
-        texts += [c[0] for c in make_task(name, n_train=2000, n_test=10, seed=12345).train.captions]
-    ids = clip_model.tokenize(texts + [clip_model.PLACEHOLDER], context_length=77, truncate=True).unique()
-    return ids
-
-
-def _settings_key(steps: int, seed: int, batch_size: int, train_kwargs: dict) -> tuple[dict, str]:
-    settings = dict(PRETRAIN_DEFAULTS, steps=steps, batch_size=batch_size, **train_kwargs)
-    key = json.dumps(dict(settings, seed=seed, data_version=DATA_VERSION, config=repr(clip_model.TINY)),
-                     sort_keys=True)
-    return settings, key
-
-
-def _compact_state(model: clip_model.CLIP) -> dict:
-    """fp16 weights with the never-used token rows zeroed (see above)."""
-    sd = {k: v.detach().half().clone() for k, v in model.state_dict().items()}
-    keep = torch.zeros(sd["token_embedding.weight"].shape[0], dtype=torch.bool)
-    keep[builtin_vocabulary()] = True
-    sd["token_embedding.weight"][~keep] = 0
-    return sd
-
-
-def write_tiny_clip(model: clip_model.CLIP, key: str, path: Path) -> None:
-    import io
-    import lzma
-
-    buf = io.BytesIO()
-    torch.save({"key": key, "state_dict": _compact_state(model)}, buf)
-    _atomic_write(Path(path), lambda p: p.write_bytes(lzma.compress(buf.getvalue(), preset=6)))
-
-
-def read_tiny_clip(path: Path) -> tuple[str, clip_model.CLIP]:
-    """(settings key, a fresh model) from a file written by write_tiny_clip."""
-    p = Path(path).resolve()
-    blob = _decoded_tiny_clip(str(p), p.stat().st_mtime_ns)
-    return blob["key"], clip_model.build_model(blob["state_dict"])  # build_model copies: callers never share
-
-
-@lru_cache(maxsize=4)
-def _decoded_tiny_clip(path: str, mtime_ns: int) -> dict:
-    """Decompressing costs ~2 s: done once per file version and process (tests, notebooks)."""
-    import io
-    import lzma
-
-    return torch.load(io.BytesIO(lzma.decompress(Path(path).read_bytes())), map_location="cpu", weights_only=True)
-
-
-def load_or_build_tiny_clip(cache_dir: str | Path, steps: int = PRETRAIN_DEFAULTS["steps"], seed: int = 0,
-                            batch_size: int = PRETRAIN_DEFAULTS["batch_size"], progress: bool = True,
-                            **train_kwargs) -> clip_model.CLIP:
-    """The tiny CLIP pre-trained with these settings: the shipped file if it was made
-    with them, else the cache in `cache_dir`, else pre-train it now and cache it.
-
-    The cache name carries a hash of every setting that changes the weights (DATA_VERSION
-    and the model config included), so a stale file is never picked up."""
-    settings, key = _settings_key(steps, seed, batch_size, train_kwargs)
-    if SHIPPED_TINY_CLIP.is_file():
-        shipped_key, model = read_tiny_clip(SHIPPED_TINY_CLIP)
-        if shipped_key == key:
-            return model
-    path = Path(cache_dir) / f"tiny_clip_{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt.xz"
-    if path.is_file():
-        return read_tiny_clip(path)[1]
-    print(f"pre-training the tiny CLIP ({steps} steps; cached in {path} for later runs)")
-    model = pretrain_tiny_clip(seed=seed, progress=progress, **settings)
-    write_tiny_clip(model, key, path)
-    return read_tiny_clip(path)[1]  # the stored (compact) weights are the tiny CLIP, first run included
+def builtin_task(name: str, n_train: int | None = None, n_test: int | None = None, seed: int = 0) -> Task:
+    """The built-in task `name` (a family of builtin_world.FAMILIES), with the readable
+    name the tiny CLIP was taught ("sea animals"), from which task similarity is read."""
+    sizes = dict(world.TASK_SIZES, **{k: v for k, v in (("n_train", n_train), ("n_test", n_test)) if v})
+    (train_img, train_cap), (test_img, test_cap) = world.make_split(name, seed=seed, **sizes)
+    return Task(name, ImageCaptionSet(train_img, train_cap), ImageCaptionSet(test_img, test_cap),
+                label=world.FAMILIES[name].label)
+
+
+BUILTIN_TASKS: dict[str, Callable[..., Task]] = {name: partial(builtin_task, name) for name in world.FAMILIES}
 
 
 # ========================================================================================
@@ -1911,7 +1447,7 @@ def image_batches(data: ImageCaptionSet, batches: list[list[int]], preprocess, w
     (the worker cannot count it for us: the caller does)."""
     if isinstance(data.images, torch.Tensor):
         for idx in batches:
-            yield normalize_images(data.images[torch.tensor(idx, dtype=torch.long)]), torch.ones(len(idx), dtype=torch.bool)
+            yield world.normalize_images(data.images[torch.tensor(idx, dtype=torch.long)]), torch.ones(len(idx), dtype=torch.bool)
         return
     ds = ImageFileDataset(data, preprocess, mode="images")
     loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers,
@@ -2289,46 +1825,66 @@ def summarize(recall: dict, t: int) -> dict:
     return out
 
 
+@dataclass
+class Pool:
+    """The candidates of one evaluation: the readable test items of every seen task, each
+    encoded under the task it was routed to, features normalised."""
+    img: Tensor          # (N_img, E)
+    cap: Tensor          # (N_cap, E)
+    cap2img: Tensor      # (N_cap,) the pool image each caption describes
+    img_task: Tensor     # (N_img,) true task of each image
+    cap_task: Tensor     # (N_cap,) true task of each caption
+    img_routed: Tensor   # (N_img,) task each image was routed to
+    cap_routed: Tensor   # (N_cap,) task each caption was routed to
+    img_index: Tensor    # (N_img,) the image's index in its task's test set
+
+
+def route(frozen: list[tuple], router: TaskRouter, run: RunSettings) -> list[tuple[Tensor, Tensor]]:
+    """§6: the task of every test image and caption, from its frozen features (nearest
+    k-means key), or its true task with --routing oracle."""
+    if run.routing == "oracle":
+        return [(torch.full((len(f[0]),), k), torch.full((len(f[1]),), k)) for k, f in enumerate(frozen)]
+    return [(router.route_images(f[0]), router.route_texts(f[1])) for f in frozen]
+
+
+def make_pool(encoded: list[tuple[Tensor, Tensor]], frozen: list[tuple], routes: list[tuple]) -> Pool:
+    """Join the tasks' encoded test sets into one pool; an unreadable image leaves it
+    together with its captions."""
+    parts = defaultdict(list)
+    offset = 0
+    for k, ((e_img, e_cap), (_, _, c2i, ok), (r_img, r_cap)) in enumerate(zip(encoded, frozen, routes)):
+        keep = ok[c2i]                                                   # captions of readable images
+        parts["img"].append(e_img[ok]); parts["cap"].append(e_cap[keep])
+        parts["cap2img"].append((torch.cumsum(ok.long(), 0) - 1)[c2i[keep]] + offset)
+        parts["img_task"].append(torch.full((int(ok.sum()),), k)); parts["cap_task"].append(torch.full((int(keep.sum()),), k))
+        parts["img_routed"].append(r_img[ok]); parts["cap_routed"].append(r_cap[keep])
+        parts["img_index"].append(ok.nonzero().flatten())
+        offset += int(ok.sum())
+    joined = {name: torch.cat(v) for name, v in parts.items()}
+    joined["img"], joined["cap"] = F.normalize(joined["img"], dim=-1), F.normalize(joined["cap"], dim=-1)
+    return Pool(**joined)
+
+
 @torch.no_grad()
 def evaluate(model: LPI, tasks: list[Task], frozen: list[tuple], router: TaskRouter, run: RunSettings,
-             ks=(1, 5, 10)) -> tuple[dict, dict]:
-    """Retrieval over the union of the test items of `tasks` (all tasks seen so far).
-
-    Every image and caption is routed to a task (nearest k-means key of its frozen CLIP
-    embedding, or its true task with --routing oracle) and encoded with that task's prompts;
-    recall of task k is then measured over task k's queries against the whole pool.
-    Returns ({"i2t": {"R@1": [per task]}, "t2i": ...}, {"image": acc, "text": acc})."""
-    img, cap, c2i, img_task_of, cap_task_of = [], [], [], [], []
-    hits_img = hits_cap = 0
-    offset = 0
-    for k, (task, (f_img, f_cap, f_c2i, ok)) in enumerate(zip(tasks, frozen)):
-        if run.routing == "oracle":
-            r_img, r_cap = torch.full((len(f_img),), k), torch.full((len(f_cap),), k)
-        else:
-            r_img, r_cap = router.route_images(f_img), router.route_texts(f_cap)
-        hits_img += int((r_img[ok] == k).sum())
-        hits_cap += int((r_cap[ok[f_c2i]] == k).sum())
-        if model.prompted:
-            e_img, e_cap, _, _ = encode_set(model, task.test, run, r_img, r_cap, progress=f"eval {task.name}")
-        else:
-            e_img, e_cap = f_img, f_cap
-        # Unreadable images leave the pool together with their captions.
-        keep_cap = ok[f_c2i]
-        new_index = torch.cumsum(ok.long(), 0) - 1
-        img.append(e_img[ok]); cap.append(e_cap[keep_cap]); c2i.append(new_index[f_c2i[keep_cap]] + offset)
-        img_task_of.append(torch.full((int(ok.sum()),), k)); cap_task_of.append(torch.full((int(keep_cap.sum()),), k))
-        offset += int(ok.sum())
-    img, cap = F.normalize(torch.cat(img), dim=-1), F.normalize(torch.cat(cap), dim=-1)
-    c2i, img_task_of, cap_task_of = torch.cat(c2i), torch.cat(img_task_of), torch.cat(cap_task_of)
-    sim = img @ cap.t()                                            # (N_img, N_cap) over the pool
-    r_i2t, r_t2i = i2t_ranks(sim, c2i), t2i_ranks(sim, c2i)
-    recall = {"i2t": {f"R@{K}": [] for K in ks}, "t2i": {f"R@{K}": [] for K in ks}}
+             ks=(1, 5, 10)) -> tuple[dict, dict, Pool]:
+    """Retrieval over the union of the test items of `tasks` (all tasks seen so far): every
+    image and caption is routed to a task and encoded with that task's prompts; recall of
+    task k is measured over task k's queries against the whole pool.
+    Returns ({"i2t": {"R@1": [per task]}, "t2i": ...}, {"image": acc, "text": acc}, pool)."""
+    routes = route(frozen, router, run)
+    encoded = [encode_set(model, task.test, run, r_img, r_cap, progress=f"eval {task.name}")[:2]
+               if model.prompted else f[:2] for task, f, (r_img, r_cap) in zip(tasks, frozen, routes)]
+    pool = make_pool(encoded, frozen, routes)
+    sim = pool.img @ pool.cap.t()                                        # (N_img, N_cap)
+    ranks = {"i2t": (i2t_ranks(sim, pool.cap2img), pool.img_task), "t2i": (t2i_ranks(sim, pool.cap2img), pool.cap_task)}
+    recall = {d: {f"R@{K}": [] for K in ks} for d in ranks}
     for k in range(len(tasks)):
-        for d, ranks in (("i2t", r_i2t[img_task_of == k]), ("t2i", r_t2i[cap_task_of == k])):
-            for name, v in recall_from_ranks(ranks, ks).items():
+        for d, (r, task_of) in ranks.items():
+            for name, v in recall_from_ranks(r[task_of == k], ks).items():
                 recall[d][name].append(v)
-    n_img, n_cap = len(img_task_of), len(cap_task_of)
-    return recall, {"image": 100.0 * hits_img / max(n_img, 1), "text": 100.0 * hits_cap / max(n_cap, 1)}
+    accuracy = lambda routed, true: 100.0 * float((routed == true).double().mean()) if len(true) else 0.0  # noqa: E731
+    return recall, {"image": accuracy(pool.img_routed, pool.img_task), "text": accuracy(pool.cap_routed, pool.cap_task)}, pool
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -2433,114 +1989,142 @@ def record_task_relations(results: dict, S: torch.Tensor, theta: float, source: 
 _RESUME_FREE = {"resume", "out", "device", "workers", "progress", "precision"}
 
 
+@dataclass
+class Progress:
+    """What the continual loop carries from task to task, and what a checkpoint holds."""
+    results: dict
+    router: TaskRouter
+    cent_img: list = field(default_factory=list)   # per task: mean frozen image feature (E,)
+    cent_txt: list = field(default_factory=list)   # per task: mean frozen caption feature (E,)
+    done: int = 0                                   # tasks finished
+
+
+def new_results(model: LPI, tasks: list[Task], config: dict) -> dict:
+    T = len(tasks)
+    empty = lambda: [[None] * T for _ in range(T)]  # noqa: E731
+    return {"config": config, "tasks": [t.name for t in tasks],
+            "recall": {d: {f"R@{K}": empty() for K in (1, 5, 10)} for d in ("i2t", "t2i")},
+            "routing_accuracy": [], "trainable_params_per_task": model_parameters(model, T),
+            "parameter_comparison": parameter_comparison(model.cfg, model.D_v, model.D_t),
+            "skipped_images": 0, "wall_time_s": 0.0}
+
+
+def resume_progress(model: LPI, out: Path, config: dict, progress: Progress) -> Progress:
+    """Load the last checkpoint in `out` (made with the same settings) into the model and
+    the router; the model gets one prompt set per finished task."""
+    path = latest_checkpoint(out)
+    ckpt = read_checkpoint(path)
+    differ = sorted(k for k in set(config) | set(ckpt["config"])
+                    if k not in _RESUME_FREE and config.get(k) != ckpt["config"].get(k))
+    if differ:
+        raise LPIError(f"--resume: {path} was made with other settings ({', '.join(differ)}); "
+                       f"expected the same as the interrupted run")
+    for _ in range(ckpt["done"]):
+        model.add_task()
+    model.load_state_dict(ckpt["learned"], strict=False)  # everything but the frozen CLIP
+    progress.router.load_state_dict(ckpt["router"])
+    return Progress(dict(ckpt["results"], config=config), progress.router, list(ckpt["centroids_img"]),
+                    list(ckpt["centroids_txt"]), ckpt["done"])
+
+
+def save_progress(model: LPI, out: Path, config: dict, p: Progress) -> None:
+    learned = {k: v for k, v in model.state_dict().items() if not k.startswith("clip.")}
+    state = {"config": config, "done": p.done, "learned": learned, "router": p.router.state_dict(),
+             "centroids_img": torch.stack(p.cent_img), "centroids_txt": torch.stack(p.cent_txt), "results": p.results}
+    _atomic_write(out / "checkpoints" / f"task_{p.done:02d}.pt", lambda f: torch.save(state, f))
+    save_json(out / "results.json", p.results)
+
+
+def fit_keys(model: LPI, task: Task, run: RunSettings, p: Progress) -> int:
+    """§6 on task t's training set, through the frozen CLIP: its routing keys (k-means) and
+    its centroids (for --task-similarity centroids). Returns the unreadable images skipped."""
+    f_img, f_cap, _, ok = encode_set(model, task.train, run, progress=f"keys {task.name}")
+    if run.routing == "kmeans":
+        p.router.add_task(f_img[ok], f_cap, run.keys_k)
+        broadcast_(p.router.image_keys, run.dist), broadcast_(p.router.text_keys, run.dist)
+    p.cent_img.append(F.normalize(f_img[ok], dim=-1).mean(0))
+    p.cent_txt.append(F.normalize(f_cap, dim=-1).mean(0))
+    return int((~ok).sum())
+
+
+def record_recall(p: Progress, t: int, recall: dict, routing: dict, skipped: int, seconds: float) -> None:
+    for d in recall:
+        for K, values in recall[d].items():
+            p.results["recall"][d][K][t][: t + 1] = values
+    p.results["routing_accuracy"].append(routing)
+    p.results["skipped_images"] += skipped
+    p.results["wall_time_s"] = seconds
+    p.results["summary"] = summarize(p.results["recall"], t)
+
+
 def run_continual(model: LPI, tasks: list[Task], run: RunSettings, out: Path, config: dict,
                   resume: bool = False) -> dict:
     """The continual protocol (METHOD.md §6-7). For t = 1..T: open task t's prompts, fit its
     routing keys and centroid on frozen features, train, evaluate on all seen tasks, and
-    checkpoint (prompts, keys, centroids, results so far). --resume restarts after the last
-    finished task; per-task seeds make the result identical to an uninterrupted run."""
+    checkpoint. --resume restarts after the last finished task; per-task seeds make the
+    result identical to an uninterrupted run."""
     import time
 
     T, main = len(tasks), run.dist.main
     say = print if main else (lambda *a, **k: None)    # with torchrun, process 0 speaks and writes
-    router = TaskRouter(seed=run.seed, metric=run.route_metric)
+    p = Progress(new_results(model, tasks, config), TaskRouter(seed=run.seed, metric=run.route_metric))
+    if latest_checkpoint(out) is not None:
+        if not resume:
+            raise LPIError(f"{out} already holds a run ({latest_checkpoint(out).name}); pass --resume to continue "
+                           f"it, or choose another --out")
+        p = resume_progress(model, out, config, p)
+        say(f"resuming after task {p.done} of {T} from {latest_checkpoint(out)}")
     theta, by_names = model.cfg.theta, model.cfg.task_similarity == "names"
-    # §5: with "names" the relations of all T tasks are known from their names before training
-    S_names = broadcast_(name_similarity(model.clip, [tk.readable for tk in tasks]), run.dist) if by_names else None
-    cent_img, cent_txt = [], []
-    nan_matrix = lambda: [[None] * T for _ in range(T)]  # noqa: E731
-    results = {"config": config, "tasks": [t.name for t in tasks],
-               "recall": {d: {f"R@{K}": nan_matrix() for K in (1, 5, 10)} for d in ("i2t", "t2i")},
-               "routing_accuracy": [], "trainable_params_per_task": model_parameters(model, T),
-               "parameter_comparison": parameter_comparison(model.cfg, model.D_v, model.D_t),
-               "skipped_images": 0, "wall_time_s": 0.0}
-    start = 0
-    ckpt_path = latest_checkpoint(out)
-    if resume and ckpt_path is not None:
-        ckpt = read_checkpoint(ckpt_path)
-        differ = sorted(k for k in set(config) | set(ckpt["config"])
-                        if k not in _RESUME_FREE and config.get(k) != ckpt["config"].get(k))
-        if differ:
-            raise LPIError(f"--resume: {ckpt_path} was made with other settings ({', '.join(differ)}); "
-                           f"expected the same as the interrupted run")
-        start = ckpt["done"]
-        for _ in range(start):
-            model.add_task()
-        model.load_state_dict(ckpt["learned"], strict=False)  # everything but the frozen CLIP
-        router.load_state_dict(ckpt["router"])
-        cent_img, cent_txt = list(ckpt["centroids_img"]), list(ckpt["centroids_txt"])
-        results = ckpt["results"]
-        results["config"] = config
-        say(f"resuming after task {start} of {T} from {ckpt_path}")
-    elif ckpt_path is not None:
-        raise LPIError(f"{out} already holds a run ({ckpt_path.name}); pass --resume to continue it, "
-                       f"or choose another --out")
-    if by_names:
-        record_task_relations(results, S_names, theta, "names", verbose=main)
-    t0 = time.time() - results["wall_time_s"]
-    frozen_test: list[tuple | None] = [None] * T  # frozen CLIP features of each test set
-    skipped = 0
-    for t in range(start, T):
-        task = tasks[t]
+    if by_names:  # §5: the relations of all T tasks are known from their names before training
+        S = broadcast_(name_similarity(model.clip, [tk.readable for tk in tasks]), run.dist)
+        Y = record_task_relations(p.results, S, theta, "names", verbose=main)
+    t0 = time.time() - p.results["wall_time_s"]
+    frozen: list[tuple | None] = [None] * T            # frozen CLIP features of each test set
+    pool = None
+    for t in range(p.done, T):
         torch.manual_seed(run.seed * 1000 + t)
         idx = model.add_task()
-        f_img, f_cap, _, ok = encode_set(model, task.train, run, progress=f"keys {task.name}")
-        skipped += int((~ok).sum())
-        if run.routing == "kmeans":
-            router.add_task(f_img[ok], f_cap, run.keys_k)
-            broadcast_(router.image_keys, run.dist), broadcast_(router.text_keys, run.dist)
-        cent_img.append(F.normalize(f_img[ok], dim=-1).mean(0))
-        cent_txt.append(F.normalize(f_cap, dim=-1).mean(0))
-        if by_names:
-            targets = task_targets(S_names, theta)
-        else:  # online: the seen tasks' centroids, targets renewed as tasks arrive
-            targets = record_task_relations(results, centroid_similarity(torch.stack(cent_img), torch.stack(cent_txt)),
-                                            theta, "centroids", verbose=main)
-        if run.joint:
-            # The upper bound: no training until every task's data is there, then one
-            # shared prompt set on the union of all training sets; one evaluation.
-            if t < T - 1:
-                results["routing_accuracy"].append(None)  # nothing evaluated at this step
-                continue
-            log = train_task(model, idx, union([tk.train for tk in tasks]), run, None)
-        else:
-            log = train_task(model, idx, task.train, run, targets)
-        results.setdefault("first_steps", {})[task.name] = log.get("first_steps", [])
+        skipped = fit_keys(model, tasks[t], run, p)
+        if not by_names:  # online: the seen tasks' centroids, targets renewed as tasks arrive
+            S = centroid_similarity(torch.stack(p.cent_img), torch.stack(p.cent_txt))
+            Y = record_task_relations(p.results, S, theta, "centroids", verbose=main)
+        if run.joint and t < T - 1:  # the upper bound trains once, on every task's data, at the end
+            p.results["routing_accuracy"].append(None)
+            continue
+        data = union([tk.train for tk in tasks]) if run.joint else tasks[t].train
+        log = train_task(model, idx, data, run, None if run.joint else Y)
+        p.results.setdefault("first_steps", {})[tasks[t].name] = log.get("first_steps", [])
         for k in range(t + 1):
-            if frozen_test[k] is None:
-                frozen_test[k] = encode_set(model, tasks[k].test, run)  # no task ids: plain CLIP
-                if k == t:  # counted once, when task k is first evaluated (also across --resume)
-                    skipped += int((~frozen_test[k][3]).sum())
-        recall, routing = evaluate(model, tasks[: t + 1], frozen_test[: t + 1], router, run)
-        for d in recall:
-            for K, values in recall[d].items():
-                results["recall"][d][K][t][: t + 1] = values
-        results["routing_accuracy"].append(routing)
-        results["skipped_images"] += skipped
-        skipped = 0
-        results["wall_time_s"] = time.time() - t0
-        results["summary"] = summarize(results["recall"], t)
-        learned = {k: v for k, v in model.state_dict().items() if not k.startswith("clip.")}
-        state = {"config": config, "done": t + 1, "learned": learned,
-                 "router": router.state_dict(), "centroids_img": torch.stack(cent_img),
-                 "centroids_txt": torch.stack(cent_txt), "results": results}
+            if frozen[k] is None:
+                frozen[k] = encode_set(model, tasks[k].test, run)  # no task ids: plain CLIP
+                skipped += int((~frozen[k][3]).sum()) if k == t else 0  # counted once, also across --resume
+        recall, routing, pool = evaluate(model, tasks[: t + 1], frozen[: t + 1], p.router, run)
+        record_recall(p, t, recall, routing, skipped, time.time() - t0)
+        p.done = t + 1
         if main:
-            _atomic_write(out / "checkpoints" / f"task_{t + 1:02d}.pt", lambda p: torch.save(state, p))
-            save_json(out / "results.json", results)
-        say(f"task {t + 1}/{T} {task.name}: " + ", ".join(
+            save_progress(model, out, config, p)
+        say(f"task {t + 1}/{T} {tasks[t].name}: " + ", ".join(
             f"{d} R@1 {sum(recall[d]['R@1']) / (t + 1):.1f}" for d in recall)
-            + f" (avg over seen tasks); routing image {routing['image']:.1f}% text {routing['text']:.1f}%")
-    # zero-shot CLIP on the same final pool: the frozen features are there already
-    for k in range(T):
-        if frozen_test[k] is None:
-            frozen_test[k] = encode_set(model, tasks[k].test, run)  # no task ids: plain CLIP
-    zs, _ = evaluate(LPI(model.clip, LPIConfig(J=0)), tasks, frozen_test, router, run)
-    results["zeroshot"] = {"recall": zs, "summary": row_summary(zs)}
-    results["summary"] = summarize(results["recall"], T - 1)
-    results["wall_time_s"] = time.time() - t0
-    if main:
-        save_json(out / "results.json", results)
-    return results
+            + (f" (avg over seen tasks); routing image {routing['image']:.1f}% text {routing['text']:.1f}%"
+               if p.results["config"].get("method", "lpi") in PER_TASK_METHODS else " (avg over seen tasks)"))
+    return finish(model, tasks, run, out, p, frozen, pool, time.time() - t0)
+
+
+def finish(model: LPI, tasks: list[Task], run: RunSettings, out: Path, p: Progress, frozen: list, pool, seconds: float):
+    """Zero-shot CLIP on the same final pool (the frozen features are there already), the
+    final summary, results.json and, on built-in data, the retrieval picture."""
+    for k, task in enumerate(tasks):
+        if frozen[k] is None:
+            frozen[k] = encode_set(model, task.test, run)
+    zs, _, zs_pool = evaluate(LPI(model.clip, LPIConfig(J=0)), tasks, frozen, p.router, run)
+    p.results.update(zeroshot={"recall": zs, "summary": row_summary(zs)}, wall_time_s=seconds,
+                     summary=summarize(p.results["recall"], len(tasks) - 1))
+    if run.dist.main:
+        save_json(out / "results.json", p.results)
+        if pool is not None and model.prompted and all(isinstance(tk.test.images, torch.Tensor) for tk in tasks):
+            method = p.results["config"].get("method", "method")
+            plot_retrievals(tasks, {"zero-shot CLIP": zs_pool, method: pool}, out / "retrievals.png")
+    return p.results
 
 
 # ========================================================================================
@@ -2609,6 +2193,40 @@ def plot_recall(results: dict, path: Path) -> None:
     _atomic_write(path, lambda p: fig.savefig(p, dpi=110, bbox_inches="tight", format="png"))
 
 
+def plot_retrievals(tasks: list[Task], pools: dict[str, Pool], path: Path, n_queries: int = 4, top: int = 5) -> None:
+    """For caption queries from tasks spread over the sequence: the top images under each
+    pool's encoders (zero-shot CLIP, and the method after the last task), the correct image
+    framed in green, the task each caption was routed to named. Tensor images only."""
+    from matplotlib.figure import Figure
+
+    first = next(iter(pools.values()))
+    T = int(first.cap_task.max()) + 1
+    picks = sorted({round(i * (T - 1) / max(1, n_queries - 1)) for i in range(n_queries)})
+    queries = [int((first.cap_task == k).nonzero()[0]) for k in picks]      # each task's first caption
+    rows = len(queries) * len(pools)
+    fig = Figure(figsize=(1.1 * top + 1.6, 1.25 * rows + 0.3))
+    axes = fig.subplots(rows, top, squeeze=False)
+    fig.subplots_adjust(left=1.5 / (1.1 * top + 1.6), right=0.98, top=1 - 0.3 / (1.25 * rows + 0.3), bottom=0.01,
+                        wspace=0.08, hspace=0.45)
+    for qi, q in enumerate(queries):
+        k = int(first.cap_task[q])
+        for pi, (label, pool) in enumerate(pools.items()):
+            row = axes[qi * len(pools) + pi]
+            best = (pool.cap[q] @ pool.img.t()).topk(top).indices                 # (top,) pool images
+            for ax, i in zip(row, best.tolist()):
+                task, idx = tasks[int(pool.img_task[i])], int(pool.img_index[i])
+                ax.imshow(task.test.images[idx].permute(1, 2, 0).numpy(), interpolation="nearest")
+                ax.set_xticks([]), ax.set_yticks([])
+                hit = i == int(pool.cap2img[q])
+                for side in ax.spines.values():
+                    side.set_color("limegreen" if hit else "lightgrey"), side.set_linewidth(5 if hit else 1)
+            routed = f"\nrouted to {tasks[int(pool.cap_routed[q])].name}" if label != "zero-shot CLIP" else ""
+            row[0].set_ylabel(label + routed, fontsize=7, rotation=0, ha="right", va="center")
+        caption = tasks[k].test.captions[int(first.img_index[first.cap2img[q]])][0]
+        axes[qi * len(pools)][0].set_title(f'{tasks[k].name}: "{caption}"', fontsize=8, loc="left")
+    _atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
+
+
 # ========================================================================================
 # Command line
 # ========================================================================================
@@ -2616,8 +2234,7 @@ def plot_recall(results: dict, path: Path) -> None:
 # Defaults for the two scales. A released CLIP gets the paper's settings (METHOD.md §7); the
 # tiny CLIP on the built-in data gets settings that fit in a few CPU minutes.
 PAPER_DEFAULTS = dict(J=9, M=16, epochs=10, batch_size=64, lr=0.05)
-TINY_DEFAULTS = dict(J=4, M=4, epochs=8, batch_size=64, lr=0.2)
-BUILTIN_SIZES = dict(n_train=2000, n_test=300)
+TINY_DEFAULTS = dict(J=4, M=4, epochs=8, batch_size=64, lr=0.05)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -2625,7 +2242,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lpi.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="LPI (Low-rank Prompt Interaction) for continual image-text retrieval. With no "
                     "arguments: the whole method on the built-in tasks with a tiny CLIP, on the CPU.")
-    g = p.add_argument_group("data and backbone")
+    data_arguments(p.add_argument_group("data and backbone"))
+    method_arguments(p.add_argument_group("method (METHOD.md §1-5); each component has one switch"))
+    run_arguments(p.add_argument_group("training and run"))
+    return p
+
+
+def data_arguments(g) -> None:
     g.add_argument("--tasks", default=",".join(BUILTIN_TASKS),
                    help="comma-separated tasks in training order: built-in names "
                         f"({', '.join(BUILTIN_TASKS)}), coco, flickr, coco:supercategory (the paper's 12 tasks)")
@@ -2635,17 +2258,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "(NAME's architecture with random weights, for smoke tests and timings)")
     g.add_argument("--cache-dir", default=os.environ.get("LPI_CACHE", str(Path.home() / ".cache" / "lpi")),
                    help="where the tiny CLIP is cached (env LPI_CACHE)")
-    g.add_argument("--pretrain-steps", type=int, default=PRETRAIN_DEFAULTS["steps"],
+    g.add_argument("--pretrain-steps", type=int, default=world.PRETRAIN_DEFAULTS["steps"],
                    help="steps of contrastive pre-training of the tiny CLIP")
     g.add_argument("--export-tiny-clip", metavar="PATH", default=None,
                    help="pre-train the tiny CLIP with --pretrain-steps (or take it from the cache), write it "
                         "to PATH in the shipped format (tiny_clip.pt.xz), and exit")
     g.add_argument("--max-train-per-task", type=int, default=None,
-                   help=f"subsample each task's training images (built-in: {BUILTIN_SIZES['n_train']} generated)")
+                   help=f"subsample each task's training images (built-in: {world.TASK_SIZES['n_train']} generated)")
     g.add_argument("--max-test-per-task", type=int, default=None,
-                   help=f"subsample each task's test images (built-in: {BUILTIN_SIZES['n_test']} generated)")
+                   help=f"subsample each task's test images (built-in: {world.TASK_SIZES['n_test']} generated)")
 
-    g = p.add_argument_group("method (METHOD.md §1-5); each component has one switch")
+
+def method_arguments(g) -> None:
     g.add_argument("--method", default="lpi", choices=list(METHODS), help="; ".join(f"{k}: {v}" for k, v in METHODS.items()))
     g.add_argument("--depth", "-J", dest="J", type=int, default=None,
                    help=f"prompt depth J (default {PAPER_DEFAULTS['J']}; {TINY_DEFAULTS['J']} with --clip tiny)")
@@ -2676,7 +2300,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="§6 cosine: spherical k-means, route by largest cosine (ours); l1: Euclidean k-means, "
                         "route by smallest L1 distance (the authors')")
 
-    g = p.add_argument_group("training and run")
+
+def run_arguments(g) -> None:
     g.add_argument("--epochs", type=int, default=None,
                    help=f"epochs per task (default {PAPER_DEFAULTS['epochs']}; {TINY_DEFAULTS['epochs']} with --clip tiny)")
     g.add_argument("--batch-size", type=int, default=None,
@@ -2695,11 +2320,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
                    help="autocast dtype of the frozen encoders (prompts and losses stay fp32); auto: bf16 on a "
                         "CUDA device that supports it, else fp32")
-    g.add_argument("--workers", type=int, default=2, help="image-loading processes for file data sets")
-    g.add_argument("--out", default="runs/default", help="output folder: results.json, recall_r1.png, checkpoints/")
+    g.add_argument("--workers", type=int, default=2,
+                   help="processes that load images of file data sets (or draw the tiny CLIP's pre-training batches)")
+    g.add_argument("--out", default="runs/default",
+                   help="output folder: results.json, recall_r1.png, retrievals.png (built-in tasks), checkpoints/")
     g.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished task")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    return p
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -2750,57 +2376,63 @@ def load_backbone(args: argparse.Namespace, device: torch.device):
         model = clip_model.CLIP(cfg).requires_grad_(False).eval()
         return model.to(device), clip_model.preprocess_for(cfg.image_resolution), False
     if args.clip == "tiny":
-        model = load_or_build_tiny_clip(args.cache_dir, steps=args.pretrain_steps, progress=args.progress)
+        model = world.load_or_build_tiny_clip(args.cache_dir, steps=args.pretrain_steps, progress=args.progress,
+                                              device=device, workers=args.workers)
         return model.to(device), clip_model.preprocess_for(model.visual.input_resolution), True
     model, preprocess = clip_model.load(args.clip, device=device)
     return model, preprocess, False
+
+
+def export_tiny_clip(args: argparse.Namespace, device: torch.device) -> int:
+    model = world.load_or_build_tiny_clip(args.cache_dir, steps=args.pretrain_steps, progress=args.progress,
+                                          device=device, workers=args.workers)
+    world.write_tiny_clip(model, world.settings_key(args.pretrain_steps)[1], Path(args.export_tiny_clip))
+    print(f"wrote {args.export_tiny_clip} ({Path(args.export_tiny_clip).stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def run_settings(args: argparse.Namespace, device: torch.device, preprocess, d: Dist, builtin: bool) -> RunSettings:
+    return RunSettings(device=device, preprocess=preprocess, batch_size=args.batch_size, epochs=args.epochs,
+                       lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, workers=args.workers,
+                       keys_k=args.keys, routing=args.routing, route_metric=args.route_metric,
+                       augment=args.augment == "on" or (args.augment == "auto" and not builtin),
+                       per_caption=args.pairs == "per-caption", progress=args.progress and d.main, dist=d,
+                       precision=default_precision(device) if args.precision == "auto" else args.precision,
+                       joint=args.method == "joint")
+
+
+def run(args: argparse.Namespace, d: Dist, device: torch.device) -> int:
+    """Backbone, tasks, method, the continual loop, the report."""
+    out = Path(args.out)
+    if not args.resume and latest_checkpoint(out) is not None:  # before any expensive work
+        raise LPIError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    clip, preprocess, tiny = load_backbone(args, device)
+    for k, v in (TINY_DEFAULTS if tiny else PAPER_DEFAULTS).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    sizes = dict(n_train=args.max_train_per_task, n_test=args.max_test_per_task)
+    tasks = parse_task_specs(args.tasks, args.data_root, {n: partial(BUILTIN_TASKS[n], **sizes) for n in BUILTIN_TASKS})
+    tasks = [subsample_task(t, args.max_train_per_task, args.max_test_per_task, args.seed) for t in tasks]
+    builtin = all(isinstance(t.train.images, torch.Tensor) for t in tasks)
+    config = dict(vars(args), processes=d.world)  # the global batch is processes x batch_size
+    with run_lock(out) if d.main else nullcontext():
+        results = run_continual(make_method(args, clip), tasks, run_settings(args, device, preprocess, d, builtin),
+                                out, config, resume=args.resume)
+        if not d.main:
+            return 0
+        plot_recall(results, out / "recall_r1.png")
+    print(format_table(results))
+    pictures = "recall_r1.png, " + ("retrievals.png, " if (out / "retrievals.png").is_file() else "")
+    print(f"wrote results.json, {pictures}checkpoints/ to {out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_args(args)
-        dist_, device = init_distributed(pick_device(args.device))
-        if args.export_tiny_clip:
-            model = load_or_build_tiny_clip(args.cache_dir, steps=args.pretrain_steps, progress=args.progress)
-            _, key = _settings_key(args.pretrain_steps, 0, PRETRAIN_DEFAULTS["batch_size"], {})
-            write_tiny_clip(model, key, Path(args.export_tiny_clip))
-            print(f"wrote {args.export_tiny_clip} ({Path(args.export_tiny_clip).stat().st_size / 1e6:.1f} MB)")
-            return 0
-        out = Path(args.out)
-        if not args.resume and latest_checkpoint(out) is not None:  # before any expensive work
-            raise LPIError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-        clip, preprocess, tiny = load_backbone(args, device)
-        for k, v in (TINY_DEFAULTS if tiny else PAPER_DEFAULTS).items():
-            if getattr(args, k) is None:
-                setattr(args, k, v)
-        sizes = dict(BUILTIN_SIZES)
-        if args.max_train_per_task:
-            sizes["n_train"] = args.max_train_per_task
-        if args.max_test_per_task:
-            sizes["n_test"] = args.max_test_per_task
-        tasks = parse_task_specs(args.tasks, args.data_root,
-                                 {n: (lambda n=n: BUILTIN_TASKS[n](seed=0, **sizes)) for n in BUILTIN_TASKS})
-        tasks = [subsample_task(t, args.max_train_per_task, args.max_test_per_task, args.seed) for t in tasks]
-        all_builtin = all(isinstance(t.train.images, torch.Tensor) for t in tasks)
-        config = dict(vars(args), processes=dist_.world)  # the global batch is processes x batch_size
-        model = make_method(args, clip)
-        run = RunSettings(device=device, preprocess=preprocess, batch_size=args.batch_size, epochs=args.epochs,
-                          lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, workers=args.workers,
-                          keys_k=args.keys, routing=args.routing, route_metric=args.route_metric,
-                          augment=args.augment == "on" or (args.augment == "auto" and not all_builtin),
-                          per_caption=args.pairs == "per-caption", progress=args.progress and dist_.main,
-                          dist=dist_,
-                          precision=default_precision(device) if args.precision == "auto" else args.precision,
-                          joint=args.method == "joint")
-        with run_lock(out) if dist_.main else nullcontext():
-            results = run_continual(model, tasks, run, out, config, resume=args.resume)
-            if not dist_.main:
-                return 0
-            plot_recall(results, out / "recall_r1.png")
-        print(format_table(results))
-        print(f"wrote {out / 'results.json'} and {out / 'recall_r1.png'}")
-        return 0
+        d, device = init_distributed(pick_device(args.device))
+        return export_tiny_clip(args, device) if args.export_tiny_clip else run(args, d, device)
     except (LPIError, clip_model.CLIPLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
