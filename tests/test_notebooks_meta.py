@@ -6,6 +6,7 @@ of METHOD.md next to the line of code that implements it.
 """
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,16 +92,28 @@ def test_notebook_is_committed_executed_small_and_path_free(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_imports_the_repository_and_copies_none_of_it(path):
+    import builtin_world
     import clip_model
     import lpi
 
     code = [_source(c) for c in _load(path)["cells"] if c["cell_type"] == "code"]
-    assert "sys.path.insert(0, str(pathlib.Path.cwd().parent))" in code[0], "the first cell must find the repository"
-    assert re.search(r"^import clip_model, lpi$", code[0], re.M)
-    public = {n for mod in (lpi, clip_model) for n in vars(mod) if not n.startswith("_")}
+    assert re.search(r"^from nbsetup import \*$", code[0], re.M), "the first cell must be the shared setup"
+    public = {n for mod in (lpi, clip_model, builtin_world) for n in vars(mod) if not n.startswith("_")}
     for src in code:
         for name in re.findall(r"^\s*(?:def|class)\s+(\w+)", src, re.M):
-            assert name not in public, f"{path.name} defines {name}, which lpi.py / clip_model.py already has"
+            assert name not in public, f"{path.name} defines {name}, which the repository's modules already have"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_outputs_come_from_todays_code(path):
+    """notebooks/execute.py stamps each notebook with a hash of the code it teaches; outputs
+    that an older version produced must be regenerated (python notebooks/execute.py)."""
+    sys.path.insert(0, str(ROOT / "notebooks"))
+    from execute import code_hash
+
+    stamp = _load(path)["metadata"].get("lpi", {}).get("code")
+    assert stamp == code_hash(), (f"{path.name} was executed against other code (stamp {stamp}, today "
+                                  f"{code_hash()}): run python notebooks/execute.py {path.name[:2]}")
 
 
 def test_every_symbol_of_the_spec_is_shown_with_its_code():
