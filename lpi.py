@@ -2232,7 +2232,9 @@ def plot_retrievals(tasks: list[Task], pools: dict[str, Pool], path: Path, n_que
 # ========================================================================================
 
 # Defaults for the two scales. A released CLIP gets the paper's settings (METHOD.md §7); the
-# tiny CLIP on the built-in data gets settings that fit in a few CPU minutes.
+# tiny CLIP on the built-in data gets settings that fit in a few CPU minutes, and the paper's
+# learning rate: one built-in task with the true task given reached R@1 34 / 40 (i2t / t2i) at
+# lr 0.05, 21 / 31 at 0.2 and 20 / 34 at 0.01 (sea-animals, 1,000 images, 8 epochs).
 PAPER_DEFAULTS = dict(J=9, M=16, epochs=10, batch_size=64, lr=0.05)
 TINY_DEFAULTS = dict(J=4, M=4, epochs=8, batch_size=64, lr=0.05)
 
