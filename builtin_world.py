@@ -5,18 +5,17 @@ nouns, some families are related (animal / person) and some are not (food / vehi
 a web-scale CLIP knows all of their words but not every setting it meets them in. This
 module draws a small copy of that, deterministic by seed, with no file to download:
 
-- six tasks, each a family of three objects with its own nouns, each with an outline and a pattern, in a
-  setting of its own (under water, a meadow, soil, kitchen tiles, a road at night, a foggy
-  harbour). The families come in three related pairs: their names share a word ("sea
-  animals", "farm animals") and their objects share an outline (animals round, tools a
+- six tasks, each a family of three objects with nouns of its own, in a setting of its own
+  (under water, a meadow, soil, kitchen tiles, a road at night, a foggy harbour) whose light
+  changes how colours look. The families come in three related pairs: their names share a
+  word ("sea animals", "farm animals") and their objects an outline (animals round, tools a
   diamond, vehicles a wide box); the pairs share nothing with each other;
-- captions are compositional: two objects, each with a size and a colour, and a spatial
-  relation ("a small red fish left of a large blue crab"), so that retrieval inside a task
-  needs every word;
-- a tiny CLIP pre-trained here on a mixture that holds every noun, colour, size, relation
-  and family name of the world, on plain grey backgrounds: it knows the world broadly but
-  has never seen the six settings, which change colours, contrast and sharpness. That is
-  what each task's prompts have to learn.
+- captions are compositional: two objects, each with a colour, and where they are ("a red
+  fish left of a blue crab under water"), so that retrieval inside a task needs every word;
+- a tiny CLIP pre-trained here on a mixture that holds every noun, colour, relation, setting
+  and family name of the world: fine captions in plain light, coarse ones ("a fish and a
+  crab under water") in the settings. It knows the world broadly but has never read a
+  colour in a setting's light: that is what each task's prompts have to learn.
 
 lpi.py holds the method, the loop, the real-data loaders and the command line; it imports
 this module for the built-in tasks and the tiny CLIP. Nothing here depends on lpi.py.
@@ -36,7 +35,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 import clip_model
 
@@ -60,7 +58,7 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class Family:
     """One task's content: a readable name, three object nouns, the kind it shares with
-    its related family (which fixes a shared glyph part), and its setting."""
+    its related family (which fixes the outline of its objects), and its setting."""
     name: str                 # task name on the command line
     label: str                # readable name, for the task similarity (lpi.TASK_NAME_TEMPLATE)
     nouns: tuple[str, ...]
@@ -84,7 +82,7 @@ COLOURS = {  # name -> RGB in [0, 1]
     "yellow": (0.92, 0.86, 0.20),
 }
 COLOUR_NAMES = tuple(COLOURS)
-HALF = 7.5  # half the side of a glyph's box, in pixels: 15 pixels, 3 per cell
+HALF = 7.5  # half the side of an object's box, in pixels: 15 of a cell's 16
 
 
 # ----------------------------------------------------------------------------------------
@@ -205,11 +203,6 @@ def true_colours(scenes: Scenes, g: torch.Generator, jitter: float = 0.05) -> to
     return (rgb + jitter * (2 * torch.rand(rgb.shape, generator=g) - 1)).clamp(0, 1)
 
 
-def blur(img: torch.Tensor) -> torch.Tensor:
-    """3x3 box blur with replicated borders."""
-    return F.avg_pool2d(F.pad(img, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-
-
 def noise(img: torch.Tensor, std: float, g: torch.Generator) -> torch.Tensor:
     return img + std * torch.randn(img.shape, generator=g)
 
@@ -219,8 +212,9 @@ def noise(img: torch.Tensor, std: float, g: torch.Generator) -> torch.Tensor:
 # own; the light is a colour transform c -> clamp(A c + b) of the objects' true colours,
 # the way water swallows red or a sodium street lamp turns everything orange. Every light
 # is invertible (A has full rank), so colours can be read in every setting, but not with
-# the plain-light reading: "red" under water looks like what "purple" looks like in
-# plain light. The pre-training mixture shows every setting, never with a colour word.
+# the plain-light reading: red under water turns a dull rose. LIGHT scales how far each
+# light moves the colours. The pre-training mixture shows every setting, never with a
+# colour word.
 # ----------------------------------------------------------------------------------------
 
 LIGHT = 0.5  # how strongly a setting's light acts (1: the full transform); at 1 zero-shot is at chance
@@ -231,7 +225,6 @@ class Setting:
     background: Callable[[int, torch.Generator], torch.Tensor]   # n -> (n, 3, H, W)
     A: tuple                                                      # 3x3, rows = output channel
     b: tuple = (0.0, 0.0, 0.0)
-    blurred: bool = False
 
     def light(self, rgb: torch.Tensor) -> torch.Tensor:
         """(..., 3) true colours -> the colours seen in this setting: LIGHT of the way from
@@ -312,8 +305,7 @@ SETTINGS: dict[str, Setting] = {
 def paint(setting: str, scenes: Scenes, g: torch.Generator) -> torch.Tensor:
     """Scenes -> float images (N, 3, H, W) in [0, 1], seen in `setting`."""
     s = SETTINGS[setting]
-    img = draw(scenes, s.background(len(scenes), g), s.light(true_colours(scenes, g)), g)
-    return noise(blur(img) if s.blurred else img, 0.02, g)
+    return noise(draw(scenes, s.background(len(scenes), g), s.light(true_colours(scenes, g)), g), 0.02, g)
 
 
 # ----------------------------------------------------------------------------------------
@@ -392,12 +384,13 @@ def make_split(name: str, n_train: int = TASK_SIZES["n_train"], n_test: int = TA
 #   background, with a fine caption ("a red fish left of a blue crab"), each quarter one
 #   family (so that the negatives share nouns): every noun, colour and relation, but in
 #   no setting;
-# - the last quarter: two objects of a family in that family's setting, families mixed, with a coarse
-#   caption ("a fish and a crab under water", or a quarter of them the family's name,
-#   "a photo of sea animals", so that task names can be read): every setting, its
-#   light and its objects, but never which colour or place is which there.
-# Every word the tasks use is in this mixture; a task's captions join the two halves (a
-# fine description in a setting's light), which the tiny CLIP never saw.
+# - the last quarter: two objects of a family in that family's setting, families mixed (so
+#   that settings and names are told apart), with a coarse caption ("a fish and a crab under
+#   water", or for a quarter of them the family's name, "a photo of sea animals", so that
+#   task names can be read): every setting, its light and its objects, but never which
+#   colour or place is which there.
+# Every word the tasks use is in this mixture; a task's captions join the two kinds (a fine
+# description in a setting's light), which the tiny CLIP never saw.
 # ========================================================================================
 
 NAME_TEMPLATE = "a photo of {}"   # = lpi.TASK_NAME_TEMPLATE, with which LPI compares task names

@@ -11,9 +11,10 @@ Reading order = the paper's order, then the data flow:
   §4    hierarchical low-rank contrastive loss;  §5 task contrastive constraint; CLIP loss
   -     the LPI model: frozen CLIP + per-task prompt sets; parameter accounting
   §6    task identity at test time: k-means keys and routing
+  §7    evaluation (Recall@K), the continual training loop, checkpoints, the report
   data  the built-in tasks (drawn by builtin_world.py), COCO / Flickr30K (Karpathy), COCO
         super-category tasks
-  §7    evaluation (Recall@K), the continual training loop, checkpoints, the command line
+  -     the command line
 
 Run `python lpi.py` for the whole method on built-in data on a laptop CPU, or
 `python lpi.py --tasks coco,flickr --data-root DATA --clip ViT-B/16` on a GPU.
@@ -21,7 +22,6 @@ Run `python lpi.py` for the whole method on built-in data on a laptop CPU, or
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -31,7 +31,7 @@ import socket
 import sys
 from collections import Counter, defaultdict
 from contextlib import contextmanager, nullcontext
-from functools import lru_cache, partial
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -867,459 +867,6 @@ class TaskRouter:
         self.text_keys = state["text_keys"].float().cpu().clone()
         self.text_key_task = state["text_key_task"].long().cpu().clone()
         self.num_tasks = int(state["num_tasks"])
-
-
-# ========================================================================================
-# Data (1/2): the built-in tasks (builtin_world.py: the benchmark, not the method)
-# ========================================================================================
-
-def builtin_task(name: str, n_train: int | None = None, n_test: int | None = None, seed: int = 0) -> Task:
-    """The built-in task `name` (a family of builtin_world.FAMILIES), with the readable
-    name the tiny CLIP was taught ("sea animals"), from which task similarity is read."""
-    sizes = dict(world.TASK_SIZES, **{k: v for k, v in (("n_train", n_train), ("n_test", n_test)) if v})
-    (train_img, train_cap), (test_img, test_cap) = world.make_split(name, seed=seed, **sizes)
-    return Task(name, ImageCaptionSet(train_img, train_cap), ImageCaptionSet(test_img, test_cap),
-                label=world.FAMILIES[name].label)
-
-
-BUILTIN_TASKS: dict[str, Callable[..., Task]] = {name: partial(builtin_task, name) for name in world.FAMILIES}
-
-
-# ========================================================================================
-# Data (2/2): COCO and Flickr30K (Karpathy splits), COCO by super-category
-# ========================================================================================
-
-# ----------------------------------------------------------------------------------------
-# The layout under --data-root
-#
-# Captions and splits come from Karpathy's JSON files (dataset_coco.json,
-# dataset_flickr30k.json), the de-facto standard of retrieval papers: COCO 113,287 train
-# images (his "train" + "restval") and 5,000 test images; Flickr30K 29,000 / 1,000.
-# Training uses "train" and "restval", evaluation "test"; "val" is not used.
-# ----------------------------------------------------------------------------------------
-
-COCO_KARPATHY_JSON = os.path.join("coco", "dataset_coco.json")
-COCO_INSTANCE_JSONS = (os.path.join("coco", "annotations", "instances_train2014.json"),
-                       os.path.join("coco", "annotations", "instances_val2014.json"))
-FLICKR_KARPATHY_JSON = os.path.join("flickr30k", "dataset_flickr30k.json")
-FLICKR_IMAGE_DIR = os.path.join("flickr30k", "flickr30k-images")
-
-TRAIN_SPLITS = ("train", "restval")
-TEST_SPLITS = ("test",)
-KARPATHY_SPLITS = ("train", "restval", "val", "test")
-
-# A few COCO images have 6 or 7 captions; the standard protocol (e.g. the 5K test set with
-# 25,000 captions) uses the first 5 of each image, and so do we, in training too.
-CAPTIONS_PER_IMAGE = 5
-
-DATA_LAYOUT = """\
-  DATA_ROOT/coco/dataset_coco.json                 Karpathy's COCO split (captions, train/test)
-  DATA_ROOT/coco/train2014/*.jpg, val2014/*.jpg    COCO 2014 images
-  DATA_ROOT/coco/annotations/instances_train2014.json, instances_val2014.json
-                                                   COCO 2014 instances (only for coco:supercategory)
-  DATA_ROOT/flickr30k/dataset_flickr30k.json       Karpathy's Flickr30K split
-  DATA_ROOT/flickr30k/flickr30k-images/*.jpg       Flickr30K images"""
-
-
-def read_json(path: str, missing_hint: str = "") -> object:
-    """json.load with errors that name the file: missing, not UTF-8, or malformed (line/column)."""
-    if not os.path.isfile(path):
-        hint = missing_hint or f"Expected this layout under --data-root:\n{DATA_LAYOUT}"
-        raise LPIError(f"file not found: {path}\n{hint}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise LPIError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
-    except UnicodeDecodeError as e:
-        raise LPIError(f"{path} is not UTF-8 text (byte {e.start}): is it really a JSON file?") from None
-
-
-# ----------------------------------------------------------------------------------------
-# Karpathy's split files
-#
-#   {"dataset": "coco", "images": [{"filepath": "val2014", "filename": "COCO_val2014_...jpg",
-#     "split": "test", "cocoid": 391895, "sentences": [{"raw": "A man ...", "tokens": [...]}, ...]},
-#     ...]}
-# Flickr30K entries look the same without "filepath" and "cocoid".
-# ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class KarpathyImage:
-    """One entry of a Karpathy file: where its image is, its captions, its split."""
-    path: str
-    captions: list[str]
-    split: str
-    cocoid: int | None  # COCO's image id (matches the instance files); None for Flickr30K
-
-
-def _caption_text(sentence: dict) -> str:
-    # "raw" keeps case and punctuation (CLIP's tokenizer lower-cases itself); older files
-    # may only have the tokens.
-    if "raw" in sentence:
-        return sentence["raw"].strip()
-    return " ".join(sentence["tokens"])
-
-
-def read_karpathy(json_path: str, image_path_of: Callable[[dict], str],
-                  max_captions: int = CAPTIONS_PER_IMAGE) -> list[KarpathyImage]:
-    """All entries of a Karpathy split file, validated; image_path_of(entry) -> the image's path."""
-    data = read_json(json_path)
-    entries = data.get("images") if isinstance(data, dict) else None
-    if not isinstance(entries, list):
-        raise LPIError(f"{json_path} is not in Karpathy's split format: expected a JSON object with an "
-                       f"'images' list (the dataset_coco.json / dataset_flickr30k.json of Karpathy & Fei-Fei)")
-    images = []
-    for i, entry in enumerate(entries):
-        where = f"{json_path}: images[{i}]"
-        if not isinstance(entry, dict):
-            raise LPIError(f"{where} is a {type(entry).__name__}, not an object: not a Karpathy split file")
-        missing = [key for key in ("filename", "split", "sentences") if key not in entry]
-        if missing:
-            raise LPIError(f"{where} has no {', '.join(map(repr, missing))}: not a Karpathy split file "
-                           f"(each entry needs 'filename', 'split' and 'sentences' [{{'raw': ...}}, ...])")
-        if entry["split"] not in KARPATHY_SPLITS:
-            raise LPIError(f"{where} has split {entry['split']!r}; expected one of {', '.join(KARPATHY_SPLITS)}")
-        try:
-            captions = [_caption_text(s) for s in entry["sentences"]][:max_captions]
-            path = image_path_of(entry)
-        except (KeyError, TypeError, AttributeError) as e:
-            raise LPIError(f"{where} is malformed ({type(e).__name__}: {e}); expected 'sentences' as a "
-                           f"list of {{'raw': ...}} objects and the keys the image path needs") from None
-        if not captions:
-            raise LPIError(f"{where} ({entry['filename']}) has no sentences")
-        images.append(KarpathyImage(path, captions, entry["split"], entry.get("cocoid")))
-    return images
-
-
-def make_set(images: list[KarpathyImage]) -> ImageCaptionSet:
-    return ImageCaptionSet(images=[im.path for im in images], captions=[im.captions for im in images])
-
-
-def split_train_test(images: list[KarpathyImage], source: str) -> tuple[ImageCaptionSet, ImageCaptionSet]:
-    """Karpathy entries -> (train = "train" + "restval", test = "test"); both must be non-empty."""
-    train = [im for im in images if im.split in TRAIN_SPLITS]
-    test = [im for im in images if im.split in TEST_SPLITS]
-    for role, items, splits in (("training", train, TRAIN_SPLITS), ("test", test, TEST_SPLITS)):
-        if not items:
-            raise LPIError(f"{source} has no {role} images (no entry with split "
-                           f"{' or '.join(map(repr, splits))}): is it the full Karpathy file?")
-    return make_set(train), make_set(test)
-
-
-def load_karpathy(json_path: str, image_path_of: Callable[[dict], str]) -> tuple[ImageCaptionSet, ImageCaptionSet]:
-    """A Karpathy split file -> (train, test) ImageCaptionSets with image file paths."""
-    return split_train_test(read_karpathy(json_path, image_path_of), json_path)
-
-
-def check_image_dirs(sets: list[ImageCaptionSet], task: str) -> None:
-    """Fail early if an image folder is missing: otherwise every image would be skipped as
-    unreadable and the run would train on nothing. Single missing files are tolerated
-    (ImageFileDataset flags them)."""
-    dirs = {os.path.dirname(p) for s in sets for p in s.images}
-    missing = sorted(d for d in dirs if not os.path.isdir(d))
-    if missing:
-        raise LPIError(f"task {task!r}: image folder not found: {', '.join(missing)}\n"
-                       f"Expected this layout under --data-root:\n{DATA_LAYOUT}")
-
-
-# ----------------------------------------------------------------------------------------
-# COCO and Flickr30K as single tasks (e.g. --tasks coco,flickr: COCO, then Flickr30K)
-# ----------------------------------------------------------------------------------------
-
-
-def coco_image_path(root: str) -> Callable[[dict], str]:
-    return lambda entry: os.path.join(root, "coco", entry["filepath"], entry["filename"])
-
-
-def flickr_image_path(root: str) -> Callable[[dict], str]:
-    return lambda entry: os.path.join(root, FLICKR_IMAGE_DIR, entry["filename"])
-
-
-def coco_task(root: str) -> Task:
-    """COCO (Karpathy split) as one task named "coco"."""
-    train, test = load_karpathy(os.path.join(root, COCO_KARPATHY_JSON), coco_image_path(root))
-    check_image_dirs([train, test], "coco")
-    return Task("coco", train, test, label="common objects in context")  # what "COCO" stands for
-
-
-def flickr_task(root: str) -> Task:
-    """Flickr30K (Karpathy split) as one task named "flickr"."""
-    train, test = load_karpathy(os.path.join(root, FLICKR_KARPATHY_JSON), flickr_image_path(root))
-    check_image_dirs([train, test], "flickr")
-    return Task("flickr", train, test, label="people in everyday scenes")  # what Flickr30K pictures
-
-
-# ----------------------------------------------------------------------------------------
-# COCO split by super-category: the paper's 12 tasks
-#
-# COCO's 80 object categories fall into 12 super-categories. The authors number them
-# from a preprocessed file we do not have; we number them 1..12 in the order they first
-# appear in COCO's own category list (sorted by category id) [ours], which gives
-#   1 person, 2 vehicle, 3 outdoor, 4 animal, 5 accessory, 6 sports, 7 kitchen, 8 food,
-#   9 furniture, 10 electronic, 11 appliance, 12 indoor.
-# An image belongs to the super-category that covers most of its annotated instance
-# area [ours]:
-#     s*(image) = argmax_s  Σ_{annotations a of the image, supercat(a) = s}  area(a)
-# ties going to the lower number; images without any annotation are dropped. Crowd
-# annotations count like the others: they are annotated area too.
-# ----------------------------------------------------------------------------------------
-
-# The authors' task order, as super-category numbers (METHOD.md §7): appliance, sports,
-# outdoor, electronic, accessory, indoor, kitchen, furniture, vehicle, food, animal, person.
-COCO_TASK_ORDER = (11, 6, 3, 10, 5, 12, 7, 9, 2, 8, 4, 1)
-
-
-def number_supercategories(categories: list[dict]) -> tuple[list[str], dict[int, int]]:
-    """COCO's "categories" -> (names, number_of_category): names[s - 1] is super-category s,
-    numbered 1.. by first appearance in the list sorted by category id."""
-    numbers: dict[str, int] = {}
-    number_of_category = {}
-    for cat in sorted(categories, key=lambda c: c["id"]):
-        number_of_category[cat["id"]] = numbers.setdefault(cat["supercategory"], len(numbers) + 1)
-    return list(numbers), number_of_category   # dicts keep insertion order = numbering
-
-
-def dominant_supercategory(area: dict[int, float]) -> int:
-    """The super-category number with the largest summed area; ties -> the lower number."""
-    return max(area, key=lambda s: (area[s], -s))
-
-
-def read_instance_areas(paths: list[str]) -> tuple[list[str], dict[int, dict[int, float]]]:
-    """COCO instance files -> (super-category names, {image id: {super-category: summed area}}).
-
-    The train2014 and val2014 files are merged: Karpathy's splits mix images of both.
-    """
-    hint = ("The COCO 2014 instance annotations are needed only for the coco:supercategory tasks "
-            "(get annotations_trainval2014.zip from cocodataset.org). Expected:\n" + DATA_LAYOUT)
-    categories: dict[int, dict] = {}
-    annotations = []
-    for path in paths:
-        data = read_json(path, missing_hint=hint)
-        if not isinstance(data, dict) or not {"categories", "annotations"} <= data.keys():
-            raise LPIError(f"{path} is not a COCO instances file: expected a JSON object with "
-                           f"'categories' and 'annotations' lists")
-        try:
-            for cat in data["categories"]:
-                old = categories.setdefault(cat["id"], cat)
-                if (old["name"], old["supercategory"]) != (cat["name"], cat["supercategory"]):
-                    raise LPIError(f"{path}: category {cat['id']} is defined twice, differently: "
-                                   f"{old['name']}/{old['supercategory']} vs {cat['name']}/{cat['supercategory']}")
-            annotations += [(a["image_id"], a["category_id"], float(a["area"])) for a in data["annotations"]]
-        except (KeyError, TypeError) as e:
-            raise LPIError(f"{path} is malformed ({type(e).__name__}: {e}): each category needs "
-                           f"'id', 'name', 'supercategory'; each annotation 'image_id', 'category_id', 'area'") from None
-        del data  # the train2014 file is over 300 MB of JSON: free it before reading the next
-
-    names, number_of_category = number_supercategories(list(categories.values()))
-    area: dict[int, dict[int, float]] = defaultdict(lambda: defaultdict(float))
-    for image_id, category_id, a in annotations:
-        if category_id not in number_of_category:
-            raise LPIError(f"an annotation of image {image_id} has category {category_id}, "
-                           f"which is not in the instance files' 'categories'")
-        area[image_id][number_of_category[category_id]] += a
-    return names, {image_id: dict(by_super) for image_id, by_super in area.items()}
-
-
-@dataclass
-class SupercategorySplit:
-    """The 12 COCO super-category tasks, and what the split did."""
-    tasks: list[Task]            # in COCO_TASK_ORDER
-    names: list[str]             # names[s - 1] = super-category number s
-    dropped: dict[str, int]      # Karpathy images without annotated instances, per role ("train", "test")
-
-    def summary(self) -> str:
-        lines = [f"coco:supercategory: {len(self.tasks)} tasks; dropped images without annotated "
-                 f"instances: {self.dropped['train']} train, {self.dropped['test']} test"]
-        for k, (task, number) in enumerate(zip(self.tasks, COCO_TASK_ORDER), 1):
-            lines.append(f"  task {k:2d}  {task.name:<17} (super-category {number:2d})  "
-                         f"train {len(task.train):6d}  test {len(task.test):5d}")
-        return "\n".join(lines)
-
-
-def split_coco_by_supercategory(root: str) -> SupercategorySplit:
-    """Karpathy's COCO split, each image given to its dominant super-category (see above)."""
-    json_path = os.path.join(root, COCO_KARPATHY_JSON)
-    images = read_karpathy(json_path, coco_image_path(root))
-    names, area = read_instance_areas([os.path.join(root, p) for p in COCO_INSTANCE_JSONS])
-    if len(names) != len(COCO_TASK_ORDER):
-        raise LPIError(f"the COCO instance files list {len(names)} super-categories ({', '.join(names)}); "
-                       f"the 12-task protocol expects COCO 2014's {len(COCO_TASK_ORDER)}")
-
-    groups = {(s, role): [] for s in COCO_TASK_ORDER for role in ("train", "test")}
-    dropped = Counter(train=0, test=0)
-    for im in images:
-        role = "train" if im.split in TRAIN_SPLITS else "test" if im.split in TEST_SPLITS else None
-        if role is None:
-            continue  # Karpathy's "val" split is not used
-        if im.cocoid is None:
-            raise LPIError(f"{json_path}: the entry of {im.path} has no 'cocoid', which links it to the "
-                           f"COCO instance annotations: use Karpathy's dataset_coco.json")
-        if im.cocoid not in area:  # no annotation at all (or an image absent from the instance files)
-            dropped[role] += 1
-            continue
-        groups[dominant_supercategory(area[im.cocoid]), role].append(im)
-
-    tasks = []
-    for s in COCO_TASK_ORDER:
-        name = f"coco:{names[s - 1]}"
-        for role in ("train", "test"):
-            if not groups[s, role]:
-                raise LPIError(f"task {name} has no {role} images after the super-category split of {json_path}")
-        tasks.append(Task(name, make_set(groups[s, "train"]), make_set(groups[s, "test"]), label=names[s - 1]))
-    check_image_dirs([t.train for t in tasks] + [t.test for t in tasks], "coco:supercategory")
-    return SupercategorySplit(tasks, names, dict(dropped))
-
-
-def coco_supercategory_tasks(root: str, verbose: bool = True) -> list[Task]:
-    """The paper's 12 COCO tasks, in the authors' order; prints the split's summary."""
-    split = split_coco_by_supercategory(root)
-    if verbose:
-        print(split.summary())
-    return split.tasks
-
-
-# ----------------------------------------------------------------------------------------
-# Subsampling (--max-train-per-task / --max-test-per-task)
-# ----------------------------------------------------------------------------------------
-
-
-def subsample(data: ImageCaptionSet, n: int | None, seed: int = 0) -> ImageCaptionSet:
-    """n images drawn without replacement (all their captions kept), in their original order.
-
-    Deterministic: depends only on (len(data), n, seed), never on the global RNG.
-    n = None or n >= len(data) returns data unchanged.
-    """
-    if n is None or n >= len(data):
-        return data
-    keep = sorted(random.Random(seed).sample(range(len(data)), n))
-    return ImageCaptionSet(images=[data.images[i] for i in keep], captions=[data.captions[i] for i in keep])
-
-
-def subsample_task(task: Task, max_train: int | None, max_test: int | None, seed: int = 0) -> Task:
-    return Task(task.name, subsample(task.train, max_train, seed), subsample(task.test, max_test, seed), task.label)
-
-
-# ----------------------------------------------------------------------------------------
-# Loading images from files
-#
-# A big image collection nearly always has a few unreadable files (a broken download, a
-# truncated JPEG). One of them must not kill a run of hours, and must not pass silently
-# either. So __getitem__ never raises on a bad image: it returns ok = False and a zero
-# tensor of the right shape, and the *caller* drops those items and counts them. The
-# count has to live in the caller: with DataLoader(num_workers > 0) every worker is a
-# separate process holding its own copy of the dataset, so a counter kept in the dataset
-# would never reach the main process.
-# ----------------------------------------------------------------------------------------
-
-# What a bad image file raises in PIL: OSError for missing / truncated / unidentified files
-# (UnidentifiedImageError is an OSError), SyntaxError from some format plugins, and
-# DecompressionBombError for absurdly large images. Errors inside `preprocess` are bugs,
-# not bad files, and are not caught.
-UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError)
-
-
-class ImageFileDataset(Dataset):
-    """Images of an ImageCaptionSet (file paths) read with PIL and turned into tensors.
-
-    mode="pairs"  (training): one item per (image, caption) pair -> (image, caption, image_index, ok)
-    mode="images" (evaluation): one item per image               -> (image, image_index, ok)
-
-    image is preprocess(PIL RGB image), a tensor; when the file is missing or cannot be
-    decoded, image is a zero tensor of the same shape and ok is False. The default
-    collate_fn batches ok into a bool tensor; `drop_unreadable` removes those items.
-    """
-
-    def __init__(self, data: ImageCaptionSet, preprocess: Callable, mode: str = "pairs"):
-        if mode not in ("pairs", "images"):
-            raise ValueError(f"mode must be 'pairs' or 'images', not {mode!r}")
-        self.data, self.preprocess, self.mode = data, preprocess, mode
-        # (image index, caption) for every pair, in order
-        self.pairs = [(i, c) for i, caps in enumerate(data.captions) for c in caps] if mode == "pairs" else None
-        self._blank = None  # zero tensor standing in for an unreadable image, made on first need
-
-    def __len__(self) -> int:
-        return len(self.pairs) if self.mode == "pairs" else len(self.data)
-
-    def load(self, index: int) -> tuple[torch.Tensor, bool]:
-        """(preprocessed image, True), or (zeros of the same shape, False) if it cannot be read."""
-        try:
-            with Image.open(self.data.images[index]) as img:
-                img = img.convert("RGB")  # forces the full decode, so truncated files fail here
-        except UNREADABLE_IMAGE_ERRORS:
-            if self._blank is None:
-                # preprocess resizes and crops to a fixed size, so any blank image gives the shape
-                self._blank = torch.zeros_like(self.preprocess(Image.new("RGB", (64, 64))))
-            return self._blank, False
-        return self.preprocess(img), True
-
-    def __getitem__(self, k: int):
-        if self.mode == "pairs":
-            i, caption = self.pairs[k]
-            image, ok = self.load(i)
-            return image, caption, i, ok
-        image, ok = self.load(k)
-        return image, k, ok
-
-
-def drop_unreadable(batch):
-    """A collated ImageFileDataset batch -> (the batch without its unreadable items, how many were dropped).
-
-    The last field of the batch is the ok mask; tensors are indexed with it, lists of
-    captions filtered by it.
-    """
-    *fields, ok = batch
-    kept = [f[ok] if isinstance(f, torch.Tensor) else [x for x, keep in zip(f, ok.tolist()) if keep]
-            for f in fields]
-    return tuple(kept), int((~ok).sum())
-
-
-# ----------------------------------------------------------------------------------------
-# --tasks: a comma-separated list of task names, in training order
-# ----------------------------------------------------------------------------------------
-
-REAL_TASK_NAMES = ("coco", "flickr", "coco:supercategory")
-
-
-def _require_data_root(data_root: str | None, task: str) -> str:
-    if data_root is None:
-        raise LPIError(f"task {task!r} reads real data: pass --data-root DIR, with this layout:\n{DATA_LAYOUT}")
-    if not os.path.isdir(data_root):
-        raise LPIError(f"--data-root {data_root} is not a directory (needed by task {task!r}); "
-                       f"expected this layout:\n{DATA_LAYOUT}")
-    return data_root
-
-
-def parse_task_specs(spec: str, data_root: str | None,
-                     builtin: dict[str, Callable[[], Task]]) -> list[Task]:
-    """"coco,flickr" -> [Task("coco"), Task("flickr")]; "coco:supercategory" expands to the 12
-    COCO tasks; a key of `builtin` is built by calling builtin[key](). All names are checked
-    before anything is loaded."""
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    valid = list(REAL_TASK_NAMES) + [k for k in builtin if k not in REAL_TASK_NAMES]
-    if not names:
-        raise LPIError(f"--tasks is empty; valid task names: {', '.join(valid)}")
-    for name in names:
-        if name not in valid:
-            raise LPIError(f"unknown task {name!r} in --tasks {spec!r}; valid task names: {', '.join(valid)}")
-
-    tasks: list[Task] = []
-    for name in names:
-        if name == "coco":
-            tasks.append(coco_task(_require_data_root(data_root, name)))
-        elif name == "flickr":
-            tasks.append(flickr_task(_require_data_root(data_root, name)))
-        elif name == "coco:supercategory":
-            tasks += coco_supercategory_tasks(_require_data_root(data_root, name))
-        else:
-            tasks.append(builtin[name]())
-    seen = Counter(t.name for t in tasks)
-    repeated = [n for n, count in seen.items() if count > 1]
-    if repeated:
-        raise LPIError(f"--tasks {spec!r} gives task(s) {', '.join(repeated)} more than once; "
-                       f"each task must appear once (results are kept per task name)")
-    return tasks
 
 
 # ========================================================================================
@@ -2225,6 +1772,459 @@ def plot_retrievals(tasks: list[Task], pools: dict[str, Pool], path: Path, n_que
         caption = tasks[k].test.captions[int(first.img_index[first.cap2img[q]])][0]
         axes[qi * len(pools)][0].set_title(f'{tasks[k].name}: "{caption}"', fontsize=8, loc="left")
     _atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
+
+
+# ========================================================================================
+# Data (1/2): the built-in tasks (builtin_world.py: the benchmark, not the method)
+# ========================================================================================
+
+def builtin_task(name: str, n_train: int | None = None, n_test: int | None = None, seed: int = 0) -> Task:
+    """The built-in task `name` (a family of builtin_world.FAMILIES), with the readable
+    name the tiny CLIP was taught ("sea animals"), from which task similarity is read."""
+    sizes = dict(world.TASK_SIZES, **{k: v for k, v in (("n_train", n_train), ("n_test", n_test)) if v})
+    (train_img, train_cap), (test_img, test_cap) = world.make_split(name, seed=seed, **sizes)
+    return Task(name, ImageCaptionSet(train_img, train_cap), ImageCaptionSet(test_img, test_cap),
+                label=world.FAMILIES[name].label)
+
+
+BUILTIN_TASKS: dict[str, Callable[..., Task]] = {name: partial(builtin_task, name) for name in world.FAMILIES}
+
+
+# ========================================================================================
+# Data (2/2): COCO and Flickr30K (Karpathy splits), COCO by super-category
+# ========================================================================================
+
+# ----------------------------------------------------------------------------------------
+# The layout under --data-root
+#
+# Captions and splits come from Karpathy's JSON files (dataset_coco.json,
+# dataset_flickr30k.json), the de-facto standard of retrieval papers: COCO 113,287 train
+# images (his "train" + "restval") and 5,000 test images; Flickr30K 29,000 / 1,000.
+# Training uses "train" and "restval", evaluation "test"; "val" is not used.
+# ----------------------------------------------------------------------------------------
+
+COCO_KARPATHY_JSON = os.path.join("coco", "dataset_coco.json")
+COCO_INSTANCE_JSONS = (os.path.join("coco", "annotations", "instances_train2014.json"),
+                       os.path.join("coco", "annotations", "instances_val2014.json"))
+FLICKR_KARPATHY_JSON = os.path.join("flickr30k", "dataset_flickr30k.json")
+FLICKR_IMAGE_DIR = os.path.join("flickr30k", "flickr30k-images")
+
+TRAIN_SPLITS = ("train", "restval")
+TEST_SPLITS = ("test",)
+KARPATHY_SPLITS = ("train", "restval", "val", "test")
+
+# A few COCO images have 6 or 7 captions; the standard protocol (e.g. the 5K test set with
+# 25,000 captions) uses the first 5 of each image, and so do we, in training too.
+CAPTIONS_PER_IMAGE = 5
+
+DATA_LAYOUT = """\
+  DATA_ROOT/coco/dataset_coco.json                 Karpathy's COCO split (captions, train/test)
+  DATA_ROOT/coco/train2014/*.jpg, val2014/*.jpg    COCO 2014 images
+  DATA_ROOT/coco/annotations/instances_train2014.json, instances_val2014.json
+                                                   COCO 2014 instances (only for coco:supercategory)
+  DATA_ROOT/flickr30k/dataset_flickr30k.json       Karpathy's Flickr30K split
+  DATA_ROOT/flickr30k/flickr30k-images/*.jpg       Flickr30K images"""
+
+
+def read_json(path: str, missing_hint: str = "") -> object:
+    """json.load with errors that name the file: missing, not UTF-8, or malformed (line/column)."""
+    if not os.path.isfile(path):
+        hint = missing_hint or f"Expected this layout under --data-root:\n{DATA_LAYOUT}"
+        raise LPIError(f"file not found: {path}\n{hint}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise LPIError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    except UnicodeDecodeError as e:
+        raise LPIError(f"{path} is not UTF-8 text (byte {e.start}): is it really a JSON file?") from None
+
+
+# ----------------------------------------------------------------------------------------
+# Karpathy's split files
+#
+#   {"dataset": "coco", "images": [{"filepath": "val2014", "filename": "COCO_val2014_...jpg",
+#     "split": "test", "cocoid": 391895, "sentences": [{"raw": "A man ...", "tokens": [...]}, ...]},
+#     ...]}
+# Flickr30K entries look the same without "filepath" and "cocoid".
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class KarpathyImage:
+    """One entry of a Karpathy file: where its image is, its captions, its split."""
+    path: str
+    captions: list[str]
+    split: str
+    cocoid: int | None  # COCO's image id (matches the instance files); None for Flickr30K
+
+
+def _caption_text(sentence: dict) -> str:
+    # "raw" keeps case and punctuation (CLIP's tokenizer lower-cases itself); older files
+    # may only have the tokens.
+    if "raw" in sentence:
+        return sentence["raw"].strip()
+    return " ".join(sentence["tokens"])
+
+
+def read_karpathy(json_path: str, image_path_of: Callable[[dict], str],
+                  max_captions: int = CAPTIONS_PER_IMAGE) -> list[KarpathyImage]:
+    """All entries of a Karpathy split file, validated; image_path_of(entry) -> the image's path."""
+    data = read_json(json_path)
+    entries = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise LPIError(f"{json_path} is not in Karpathy's split format: expected a JSON object with an "
+                       f"'images' list (the dataset_coco.json / dataset_flickr30k.json of Karpathy & Fei-Fei)")
+    images = []
+    for i, entry in enumerate(entries):
+        where = f"{json_path}: images[{i}]"
+        if not isinstance(entry, dict):
+            raise LPIError(f"{where} is a {type(entry).__name__}, not an object: not a Karpathy split file")
+        missing = [key for key in ("filename", "split", "sentences") if key not in entry]
+        if missing:
+            raise LPIError(f"{where} has no {', '.join(map(repr, missing))}: not a Karpathy split file "
+                           f"(each entry needs 'filename', 'split' and 'sentences' [{{'raw': ...}}, ...])")
+        if entry["split"] not in KARPATHY_SPLITS:
+            raise LPIError(f"{where} has split {entry['split']!r}; expected one of {', '.join(KARPATHY_SPLITS)}")
+        try:
+            captions = [_caption_text(s) for s in entry["sentences"]][:max_captions]
+            path = image_path_of(entry)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise LPIError(f"{where} is malformed ({type(e).__name__}: {e}); expected 'sentences' as a "
+                           f"list of {{'raw': ...}} objects and the keys the image path needs") from None
+        if not captions:
+            raise LPIError(f"{where} ({entry['filename']}) has no sentences")
+        images.append(KarpathyImage(path, captions, entry["split"], entry.get("cocoid")))
+    return images
+
+
+def make_set(images: list[KarpathyImage]) -> ImageCaptionSet:
+    return ImageCaptionSet(images=[im.path for im in images], captions=[im.captions for im in images])
+
+
+def split_train_test(images: list[KarpathyImage], source: str) -> tuple[ImageCaptionSet, ImageCaptionSet]:
+    """Karpathy entries -> (train = "train" + "restval", test = "test"); both must be non-empty."""
+    train = [im for im in images if im.split in TRAIN_SPLITS]
+    test = [im for im in images if im.split in TEST_SPLITS]
+    for role, items, splits in (("training", train, TRAIN_SPLITS), ("test", test, TEST_SPLITS)):
+        if not items:
+            raise LPIError(f"{source} has no {role} images (no entry with split "
+                           f"{' or '.join(map(repr, splits))}): is it the full Karpathy file?")
+    return make_set(train), make_set(test)
+
+
+def load_karpathy(json_path: str, image_path_of: Callable[[dict], str]) -> tuple[ImageCaptionSet, ImageCaptionSet]:
+    """A Karpathy split file -> (train, test) ImageCaptionSets with image file paths."""
+    return split_train_test(read_karpathy(json_path, image_path_of), json_path)
+
+
+def check_image_dirs(sets: list[ImageCaptionSet], task: str) -> None:
+    """Fail early if an image folder is missing: otherwise every image would be skipped as
+    unreadable and the run would train on nothing. Single missing files are tolerated
+    (ImageFileDataset flags them)."""
+    dirs = {os.path.dirname(p) for s in sets for p in s.images}
+    missing = sorted(d for d in dirs if not os.path.isdir(d))
+    if missing:
+        raise LPIError(f"task {task!r}: image folder not found: {', '.join(missing)}\n"
+                       f"Expected this layout under --data-root:\n{DATA_LAYOUT}")
+
+
+# ----------------------------------------------------------------------------------------
+# COCO and Flickr30K as single tasks (e.g. --tasks coco,flickr: COCO, then Flickr30K)
+# ----------------------------------------------------------------------------------------
+
+
+def coco_image_path(root: str) -> Callable[[dict], str]:
+    return lambda entry: os.path.join(root, "coco", entry["filepath"], entry["filename"])
+
+
+def flickr_image_path(root: str) -> Callable[[dict], str]:
+    return lambda entry: os.path.join(root, FLICKR_IMAGE_DIR, entry["filename"])
+
+
+def coco_task(root: str) -> Task:
+    """COCO (Karpathy split) as one task named "coco"."""
+    train, test = load_karpathy(os.path.join(root, COCO_KARPATHY_JSON), coco_image_path(root))
+    check_image_dirs([train, test], "coco")
+    return Task("coco", train, test, label="common objects in context")  # what "COCO" stands for
+
+
+def flickr_task(root: str) -> Task:
+    """Flickr30K (Karpathy split) as one task named "flickr"."""
+    train, test = load_karpathy(os.path.join(root, FLICKR_KARPATHY_JSON), flickr_image_path(root))
+    check_image_dirs([train, test], "flickr")
+    return Task("flickr", train, test, label="people in everyday scenes")  # what Flickr30K pictures
+
+
+# ----------------------------------------------------------------------------------------
+# COCO split by super-category: the paper's 12 tasks
+#
+# COCO's 80 object categories fall into 12 super-categories. The authors number them
+# from a preprocessed file we do not have; we number them 1..12 in the order they first
+# appear in COCO's own category list (sorted by category id) [ours], which gives
+#   1 person, 2 vehicle, 3 outdoor, 4 animal, 5 accessory, 6 sports, 7 kitchen, 8 food,
+#   9 furniture, 10 electronic, 11 appliance, 12 indoor.
+# An image belongs to the super-category that covers most of its annotated instance
+# area [ours]:
+#     s*(image) = argmax_s  Σ_{annotations a of the image, supercat(a) = s}  area(a)
+# ties going to the lower number; images without any annotation are dropped. Crowd
+# annotations count like the others: they are annotated area too.
+# ----------------------------------------------------------------------------------------
+
+# The authors' task order, as super-category numbers (METHOD.md §7): appliance, sports,
+# outdoor, electronic, accessory, indoor, kitchen, furniture, vehicle, food, animal, person.
+COCO_TASK_ORDER = (11, 6, 3, 10, 5, 12, 7, 9, 2, 8, 4, 1)
+
+
+def number_supercategories(categories: list[dict]) -> tuple[list[str], dict[int, int]]:
+    """COCO's "categories" -> (names, number_of_category): names[s - 1] is super-category s,
+    numbered 1.. by first appearance in the list sorted by category id."""
+    numbers: dict[str, int] = {}
+    number_of_category = {}
+    for cat in sorted(categories, key=lambda c: c["id"]):
+        number_of_category[cat["id"]] = numbers.setdefault(cat["supercategory"], len(numbers) + 1)
+    return list(numbers), number_of_category   # dicts keep insertion order = numbering
+
+
+def dominant_supercategory(area: dict[int, float]) -> int:
+    """The super-category number with the largest summed area; ties -> the lower number."""
+    return max(area, key=lambda s: (area[s], -s))
+
+
+def read_instance_areas(paths: list[str]) -> tuple[list[str], dict[int, dict[int, float]]]:
+    """COCO instance files -> (super-category names, {image id: {super-category: summed area}}).
+
+    The train2014 and val2014 files are merged: Karpathy's splits mix images of both.
+    """
+    hint = ("The COCO 2014 instance annotations are needed only for the coco:supercategory tasks "
+            "(get annotations_trainval2014.zip from cocodataset.org). Expected:\n" + DATA_LAYOUT)
+    categories: dict[int, dict] = {}
+    annotations = []
+    for path in paths:
+        data = read_json(path, missing_hint=hint)
+        if not isinstance(data, dict) or not {"categories", "annotations"} <= data.keys():
+            raise LPIError(f"{path} is not a COCO instances file: expected a JSON object with "
+                           f"'categories' and 'annotations' lists")
+        try:
+            for cat in data["categories"]:
+                old = categories.setdefault(cat["id"], cat)
+                if (old["name"], old["supercategory"]) != (cat["name"], cat["supercategory"]):
+                    raise LPIError(f"{path}: category {cat['id']} is defined twice, differently: "
+                                   f"{old['name']}/{old['supercategory']} vs {cat['name']}/{cat['supercategory']}")
+            annotations += [(a["image_id"], a["category_id"], float(a["area"])) for a in data["annotations"]]
+        except (KeyError, TypeError) as e:
+            raise LPIError(f"{path} is malformed ({type(e).__name__}: {e}): each category needs "
+                           f"'id', 'name', 'supercategory'; each annotation 'image_id', 'category_id', 'area'") from None
+        del data  # the train2014 file is over 300 MB of JSON: free it before reading the next
+
+    names, number_of_category = number_supercategories(list(categories.values()))
+    area: dict[int, dict[int, float]] = defaultdict(lambda: defaultdict(float))
+    for image_id, category_id, a in annotations:
+        if category_id not in number_of_category:
+            raise LPIError(f"an annotation of image {image_id} has category {category_id}, "
+                           f"which is not in the instance files' 'categories'")
+        area[image_id][number_of_category[category_id]] += a
+    return names, {image_id: dict(by_super) for image_id, by_super in area.items()}
+
+
+@dataclass
+class SupercategorySplit:
+    """The 12 COCO super-category tasks, and what the split did."""
+    tasks: list[Task]            # in COCO_TASK_ORDER
+    names: list[str]             # names[s - 1] = super-category number s
+    dropped: dict[str, int]      # Karpathy images without annotated instances, per role ("train", "test")
+
+    def summary(self) -> str:
+        lines = [f"coco:supercategory: {len(self.tasks)} tasks; dropped images without annotated "
+                 f"instances: {self.dropped['train']} train, {self.dropped['test']} test"]
+        for k, (task, number) in enumerate(zip(self.tasks, COCO_TASK_ORDER), 1):
+            lines.append(f"  task {k:2d}  {task.name:<17} (super-category {number:2d})  "
+                         f"train {len(task.train):6d}  test {len(task.test):5d}")
+        return "\n".join(lines)
+
+
+def split_coco_by_supercategory(root: str) -> SupercategorySplit:
+    """Karpathy's COCO split, each image given to its dominant super-category (see above)."""
+    json_path = os.path.join(root, COCO_KARPATHY_JSON)
+    images = read_karpathy(json_path, coco_image_path(root))
+    names, area = read_instance_areas([os.path.join(root, p) for p in COCO_INSTANCE_JSONS])
+    if len(names) != len(COCO_TASK_ORDER):
+        raise LPIError(f"the COCO instance files list {len(names)} super-categories ({', '.join(names)}); "
+                       f"the 12-task protocol expects COCO 2014's {len(COCO_TASK_ORDER)}")
+
+    groups = {(s, role): [] for s in COCO_TASK_ORDER for role in ("train", "test")}
+    dropped = Counter(train=0, test=0)
+    for im in images:
+        role = "train" if im.split in TRAIN_SPLITS else "test" if im.split in TEST_SPLITS else None
+        if role is None:
+            continue  # Karpathy's "val" split is not used
+        if im.cocoid is None:
+            raise LPIError(f"{json_path}: the entry of {im.path} has no 'cocoid', which links it to the "
+                           f"COCO instance annotations: use Karpathy's dataset_coco.json")
+        if im.cocoid not in area:  # no annotation at all (or an image absent from the instance files)
+            dropped[role] += 1
+            continue
+        groups[dominant_supercategory(area[im.cocoid]), role].append(im)
+
+    tasks = []
+    for s in COCO_TASK_ORDER:
+        name = f"coco:{names[s - 1]}"
+        for role in ("train", "test"):
+            if not groups[s, role]:
+                raise LPIError(f"task {name} has no {role} images after the super-category split of {json_path}")
+        tasks.append(Task(name, make_set(groups[s, "train"]), make_set(groups[s, "test"]), label=names[s - 1]))
+    check_image_dirs([t.train for t in tasks] + [t.test for t in tasks], "coco:supercategory")
+    return SupercategorySplit(tasks, names, dict(dropped))
+
+
+def coco_supercategory_tasks(root: str, verbose: bool = True) -> list[Task]:
+    """The paper's 12 COCO tasks, in the authors' order; prints the split's summary."""
+    split = split_coco_by_supercategory(root)
+    if verbose:
+        print(split.summary())
+    return split.tasks
+
+
+# ----------------------------------------------------------------------------------------
+# Subsampling (--max-train-per-task / --max-test-per-task)
+# ----------------------------------------------------------------------------------------
+
+
+def subsample(data: ImageCaptionSet, n: int | None, seed: int = 0) -> ImageCaptionSet:
+    """n images drawn without replacement (all their captions kept), in their original order.
+
+    Deterministic: depends only on (len(data), n, seed), never on the global RNG.
+    n = None or n >= len(data) returns data unchanged.
+    """
+    if n is None or n >= len(data):
+        return data
+    keep = sorted(random.Random(seed).sample(range(len(data)), n))
+    return ImageCaptionSet(images=[data.images[i] for i in keep], captions=[data.captions[i] for i in keep])
+
+
+def subsample_task(task: Task, max_train: int | None, max_test: int | None, seed: int = 0) -> Task:
+    return Task(task.name, subsample(task.train, max_train, seed), subsample(task.test, max_test, seed), task.label)
+
+
+# ----------------------------------------------------------------------------------------
+# Loading images from files
+#
+# A big image collection nearly always has a few unreadable files (a broken download, a
+# truncated JPEG). One of them must not kill a run of hours, and must not pass silently
+# either. So __getitem__ never raises on a bad image: it returns ok = False and a zero
+# tensor of the right shape, and the *caller* drops those items and counts them. The
+# count has to live in the caller: with DataLoader(num_workers > 0) every worker is a
+# separate process holding its own copy of the dataset, so a counter kept in the dataset
+# would never reach the main process.
+# ----------------------------------------------------------------------------------------
+
+# What a bad image file raises in PIL: OSError for missing / truncated / unidentified files
+# (UnidentifiedImageError is an OSError), SyntaxError from some format plugins, and
+# DecompressionBombError for absurdly large images. Errors inside `preprocess` are bugs,
+# not bad files, and are not caught.
+UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError)
+
+
+class ImageFileDataset(Dataset):
+    """Images of an ImageCaptionSet (file paths) read with PIL and turned into tensors.
+
+    mode="pairs"  (training): one item per (image, caption) pair -> (image, caption, image_index, ok)
+    mode="images" (evaluation): one item per image               -> (image, image_index, ok)
+
+    image is preprocess(PIL RGB image), a tensor; when the file is missing or cannot be
+    decoded, image is a zero tensor of the same shape and ok is False. The default
+    collate_fn batches ok into a bool tensor; `drop_unreadable` removes those items.
+    """
+
+    def __init__(self, data: ImageCaptionSet, preprocess: Callable, mode: str = "pairs"):
+        if mode not in ("pairs", "images"):
+            raise ValueError(f"mode must be 'pairs' or 'images', not {mode!r}")
+        self.data, self.preprocess, self.mode = data, preprocess, mode
+        # (image index, caption) for every pair, in order
+        self.pairs = [(i, c) for i, caps in enumerate(data.captions) for c in caps] if mode == "pairs" else None
+        self._blank = None  # zero tensor standing in for an unreadable image, made on first need
+
+    def __len__(self) -> int:
+        return len(self.pairs) if self.mode == "pairs" else len(self.data)
+
+    def load(self, index: int) -> tuple[torch.Tensor, bool]:
+        """(preprocessed image, True), or (zeros of the same shape, False) if it cannot be read."""
+        try:
+            with Image.open(self.data.images[index]) as img:
+                img = img.convert("RGB")  # forces the full decode, so truncated files fail here
+        except UNREADABLE_IMAGE_ERRORS:
+            if self._blank is None:
+                # preprocess resizes and crops to a fixed size, so any blank image gives the shape
+                self._blank = torch.zeros_like(self.preprocess(Image.new("RGB", (64, 64))))
+            return self._blank, False
+        return self.preprocess(img), True
+
+    def __getitem__(self, k: int):
+        if self.mode == "pairs":
+            i, caption = self.pairs[k]
+            image, ok = self.load(i)
+            return image, caption, i, ok
+        image, ok = self.load(k)
+        return image, k, ok
+
+
+def drop_unreadable(batch):
+    """A collated ImageFileDataset batch -> (the batch without its unreadable items, how many were dropped).
+
+    The last field of the batch is the ok mask; tensors are indexed with it, lists of
+    captions filtered by it.
+    """
+    *fields, ok = batch
+    kept = [f[ok] if isinstance(f, torch.Tensor) else [x for x, keep in zip(f, ok.tolist()) if keep]
+            for f in fields]
+    return tuple(kept), int((~ok).sum())
+
+
+# ----------------------------------------------------------------------------------------
+# --tasks: a comma-separated list of task names, in training order
+# ----------------------------------------------------------------------------------------
+
+REAL_TASK_NAMES = ("coco", "flickr", "coco:supercategory")
+
+
+def _require_data_root(data_root: str | None, task: str) -> str:
+    if data_root is None:
+        raise LPIError(f"task {task!r} reads real data: pass --data-root DIR, with this layout:\n{DATA_LAYOUT}")
+    if not os.path.isdir(data_root):
+        raise LPIError(f"--data-root {data_root} is not a directory (needed by task {task!r}); "
+                       f"expected this layout:\n{DATA_LAYOUT}")
+    return data_root
+
+
+def parse_task_specs(spec: str, data_root: str | None,
+                     builtin: dict[str, Callable[[], Task]]) -> list[Task]:
+    """"coco,flickr" -> [Task("coco"), Task("flickr")]; "coco:supercategory" expands to the 12
+    COCO tasks; a key of `builtin` is built by calling builtin[key](). All names are checked
+    before anything is loaded."""
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    valid = list(REAL_TASK_NAMES) + [k for k in builtin if k not in REAL_TASK_NAMES]
+    if not names:
+        raise LPIError(f"--tasks is empty; valid task names: {', '.join(valid)}")
+    for name in names:
+        if name not in valid:
+            raise LPIError(f"unknown task {name!r} in --tasks {spec!r}; valid task names: {', '.join(valid)}")
+
+    tasks: list[Task] = []
+    for name in names:
+        if name == "coco":
+            tasks.append(coco_task(_require_data_root(data_root, name)))
+        elif name == "flickr":
+            tasks.append(flickr_task(_require_data_root(data_root, name)))
+        elif name == "coco:supercategory":
+            tasks += coco_supercategory_tasks(_require_data_root(data_root, name))
+        else:
+            tasks.append(builtin[name]())
+    seen = Counter(t.name for t in tasks)
+    repeated = [n for n, count in seen.items() if count > 1]
+    if repeated:
+        raise LPIError(f"--tasks {spec!r} gives task(s) {', '.join(repeated)} more than once; "
+                       f"each task must appear once (results are kept per task name)")
+    return tasks
 
 
 # ========================================================================================
