@@ -233,7 +233,7 @@ class Setting:
         return (rgb + LIGHT * (lit - rgb)).clamp(0, 1)
 
 
-def _grid(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _grid() -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel coordinates y (1, 1, H, 1) and x (1, 1, 1, W)."""
     r = torch.arange(IMAGE_SIZE, dtype=torch.float32)
     return r.view(1, 1, -1, 1), r.view(1, 1, 1, -1)
@@ -250,7 +250,7 @@ def _grey(n, g):
 
 
 def _water(n, g):  # teal with wavy light bands
-    y, x = _grid(n)
+    y, x = _grid()
     phase = 2 * math.pi * torch.rand(n, 1, 1, 1, generator=g)
     return _flat(n, (0.04, 0.22, 0.32), g) + 0.06 * torch.sin(0.8 * y + 1.5 * torch.sin(0.4 * x + phase) + phase)
 
@@ -265,7 +265,7 @@ def _soil(n, g):  # dark brown, speckled
 
 
 def _tiles(n, g):  # cream and white checkerboard, 4-pixel tiles, random offset
-    y, x = _grid(n)
+    y, x = _grid()
     off = torch.randint(4, (n, 2, 1, 1), generator=g).float()
     check = (((y + off[:, :1]) // 4 + (x + off[:, 1:]) // 4) % 2).view(n, 1, IMAGE_SIZE, IMAGE_SIZE)
     return _flat(n, (0.80, 0.76, 0.62), g) + 0.10 * check
@@ -278,7 +278,7 @@ def _road(n, g):  # asphalt at night with a dashed lane line along the bottom
 
 
 def _harbour(n, g):  # grey-blue water fading into light fog at the top
-    y, _ = _grid(n)
+    y, _ = _grid()
     t = y / (IMAGE_SIZE - 1)
     sky, sea = torch.tensor([0.62, 0.65, 0.68]).view(1, 3, 1, 1), torch.tensor([0.15, 0.25, 0.40]).view(1, 3, 1, 1)
     return (sky * (1 - t) + sea * t).expand(n, 3, IMAGE_SIZE, IMAGE_SIZE) + _flat(n, (0, 0, 0), g)
