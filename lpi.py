@@ -729,46 +729,24 @@ def model_parameters(model: LPI | L2P, tasks: int) -> dict[str, int]:
 # ========================================================================================
 # §6  Task identity at test time: k-means keys per task, nearest-key routing
 # ========================================================================================
-"""S-Prompts' recipe (METHOD.md §6): no task id is given at test time, so each query is
-sent to the task whose frozen-CLIP k-means keys it is nearest to."""
-# ---------------------------------------------------------------------------------------
-# Task identity at test time (S-Prompts style keys)
-#
-# After training task t, k-means on the frozen, un-prompted CLIP embeddings of t's
-# training images gives k visual keys for t; the same on its captions gives k text keys.
-# At test time a query goes to the task of its nearest key:
+# No task id is given at test time (METHOD.md §6, S-Prompts' recipe). After training task t,
+# k-means on the frozen, un-prompted CLIP embeddings of t's training images gives k visual
+# keys for t; the same on its captions gives k text keys. A query goes to the task of its
+# nearest key, and is then encoded with that task's prompts:
 #     task(x) = task_of( argmax_key  cos(x, key) )
-# and is then encoded with that task's prompts.
-#
 # Two metrics (--route-metric), features L2-normalised in both:
-# - cosine [ours, default]: *spherical* k-means. Points are assigned to the centroid of
-#   largest cosine and a centroid is the mean of its points rescaled to unit length; the
-#   router then picks the key of largest cosine: one criterion for clustering and routing.
-# - l1 [code]: as the authors (S-Prompts): Euclidean k-means (centroids are plain means,
-#   inside the sphere), then routing by the smallest L1 distance to a key, a criterion the
-#   clustering did not optimise.
-# ---------------------------------------------------------------------------------------
+# - cosine [ours, default]: *spherical* k-means (assign by largest cosine, centroids rescaled
+#   to unit length), then route by largest cosine: one criterion for clustering and routing.
+# - l1 [code]: Euclidean k-means (centroids are plain means, inside the sphere), then route
+#   by the smallest L1 distance to a key, a criterion the clustering did not optimise.
 
 ROUTE_METRICS = ("cosine", "l1")
 
-def kmeans(x: Tensor, k: int, iters: int = 50, seed: int = 0, spherical: bool = True) -> Tensor:
-    """k-means with k-means++ initialisation; deterministic for a given seed.
 
-    x: (N, D) features (normalised inside). spherical: cosine assignment and unit-norm
-    centroids; else Euclidean assignment and mean centroids. Returns (min(k, N), D): with
-    N <= k every point is its own centroid. An empty cluster is re-seeded with the point
-    that is worst served by its current centroid.
-    """
-    x = F.normalize(x.detach().float(), dim=-1)
+def kmeans_pp_init(x: Tensor, k: int, gen: torch.Generator) -> Tensor:
+    """k-means++ on unit vectors x (N, D): the first centre uniformly, each next one with
+    probability proportional to the squared distance to the nearest centre so far. (k, D)"""
     n = x.shape[0]
-    if n == 0:
-        raise ValueError("kmeans needs at least one point")
-    if n <= k:
-        return x.clone()
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-
-    # k-means++: the first centre uniformly, each next one with probability proportional
-    # to the squared distance to the nearest centre chosen so far.
     idx = [int(torch.randint(n, (1,), generator=gen))]
     d2 = (2 - 2 * x @ x[idx[0]]).clamp_min(0)                                  # (N,)
     for _ in range(1, k):
@@ -778,8 +756,22 @@ def kmeans(x: Tensor, k: int, iters: int = 50, seed: int = 0, spherical: bool = 
             nxt = int(torch.randint(n, (1,), generator=gen))
         idx.append(nxt)
         d2 = torch.minimum(d2, (2 - 2 * x @ x[nxt]).clamp_min(0))
-    centroids = x[idx].clone()                                                 # (k, D)
+    return x[idx].clone()
 
+
+def kmeans(x: Tensor, k: int, iters: int = 50, seed: int = 0, spherical: bool = True) -> Tensor:
+    """k-means from a k-means++ start; deterministic for a given seed.
+
+    x: (N, D) features (normalised inside). spherical: cosine assignment and unit-norm
+    centroids; else Euclidean assignment and mean centroids. Returns (min(k, N), D): with
+    N <= k every point is its own centroid. An empty cluster is re-seeded with the point
+    that is worst served by its current centroid."""
+    x = F.normalize(x.detach().float(), dim=-1)
+    if x.shape[0] == 0:
+        raise ValueError("kmeans needs at least one point")
+    if x.shape[0] <= k:
+        return x.clone()
+    centroids = kmeans_pp_init(x, k, torch.Generator(device="cpu").manual_seed(seed))   # (k, D)
     assign = None
     for _ in range(iters):
         # affinity to each centroid (N, k): cosine, or minus the squared Euclidean distance
@@ -791,13 +783,10 @@ def kmeans(x: Tensor, k: int, iters: int = 50, seed: int = 0, spherical: bool = 
         # Per-cluster sums as a matmul with the one-hot assignment matrix (much faster on
         # CPU than index_add_ for small N, which pays a thread-pool start per call).
         one_hot = F.one_hot(assign, k).to(x.dtype)                             # (N, k)
-        sums = one_hot.T @ x                                                   # (k, D)
-        counts = one_hot.sum(0)                                                # (k,)
+        sums, counts = one_hot.T @ x, one_hot.sum(0)                           # (k, D), (k,)
         empty = (counts == 0).nonzero().flatten()
-        if len(empty) > 0:
-            # Re-seed the empty clusters with the worst-served points, one each.
-            worst = best_aff.argsort()[:len(empty)]
-            sums[empty], counts[empty] = x[worst], 1
+        if len(empty) > 0:  # re-seed the empty clusters with the worst-served points, one each
+            sums[empty], counts[empty] = x[best_aff.argsort()[:len(empty)]], 1
         centroids = F.normalize(sums, dim=-1) if spherical else sums / counts[:, None]
     return centroids
 
@@ -852,20 +841,14 @@ class TaskRouter:
         """(N, D_t) frozen CLIP caption embeddings -> (N,) task ids."""
         return self._route(feats, self.text_keys, self.text_key_task)
 
+    _STATE = ("image_keys", "image_key_task", "text_keys", "text_key_task")
+
     def state_dict(self) -> dict:
-        return {
-            "image_keys": self.image_keys.clone(),
-            "image_key_task": self.image_key_task.clone(),
-            "text_keys": self.text_keys.clone(),
-            "text_key_task": self.text_key_task.clone(),
-            "num_tasks": torch.tensor(self.num_tasks),
-        }
+        return {**{name: getattr(self, name).clone() for name in self._STATE}, "num_tasks": torch.tensor(self.num_tasks)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.image_keys = state["image_keys"].float().cpu().clone()
-        self.image_key_task = state["image_key_task"].long().cpu().clone()
-        self.text_keys = state["text_keys"].float().cpu().clone()
-        self.text_key_task = state["text_key_task"].long().cpu().clone()
+        for name in self._STATE:  # keys as float, their task ids as long, on the CPU
+            setattr(self, name, state[name].cpu().clone().to(torch.long if name.endswith("_task") else torch.float))
         self.num_tasks = int(state["num_tasks"])
 
 
@@ -873,9 +856,6 @@ class TaskRouter:
 # §7  Evaluation: Recall@K over the pool of all seen tasks
 # ========================================================================================
 
-# ---------------------------------------------------------------------------------------
-# Evaluation: Recall@K
-#
 # After task t the candidate pool is the union of the test items of tasks 1..t, and the
 # recall of each seen task k is reported over the queries of task k only (METHOD.md §7).
 # So we compute the rank of every query against the whole pool once, and a task's recall
@@ -888,7 +868,6 @@ class TaskRouter:
 # a degenerate model (e.g. all scores equal) scores R@K = 0, never 100 %. Other correct
 # candidates (the other captions of the same image) never count against a query.
 # Scores must be finite: a NaN compares False and would silently count as "below".
-# ---------------------------------------------------------------------------------------
 
 # Row-block size of the chunked loops below. Blocks of ~1-2 M booleans (64 x 25,000)
 # stay in cache and are reused by the allocator; on 2 CPU cores they made the counting
@@ -996,7 +975,7 @@ def image_batches(data: ImageCaptionSet, batches: list[list[int]], preprocess, w
         for idx in batches:
             yield world.normalize_images(data.images[torch.tensor(idx, dtype=torch.long)]), torch.ones(len(idx), dtype=torch.bool)
         return
-    ds = ImageFileDataset(data, preprocess, mode="images")
+    ds = ImageFileDataset(data, preprocess)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers,
                                          pin_memory=torch.cuda.is_available())  # page-locked: faster copies to the GPU
     for x, _, ok in loader:
@@ -1241,14 +1220,29 @@ def check_finite(tensors: dict[str, torch.Tensor], where: str, what: str) -> Non
                        f"holds every finished task: lower --lr, raise the temperatures, or check the data")
 
 
+def global_batches(n_pairs: int, run: "RunSettings") -> list[range]:
+    """One epoch's global batches of run.batch_size x processes positions; a last batch
+    too small to give every process a pair is dropped."""
+    return [b for b in in_batches(range(n_pairs), run.batch_size * run.dist.world) if len(b) >= run.dist.world]
+
+
+def epoch_batches(data: ImageCaptionSet, run: "RunSettings", g: torch.Generator, preprocess):
+    """One epoch in random order: this process's share of each global batch, as
+    (captions, images (b, 3, H, W), ok (b,) bool)."""
+    order, pick = training_pairs(data, run.per_caption, g)
+    mine = [shard(b, run.dist) for b in global_batches(len(order), run)]
+    images = image_batches(data, [[order[p] for p in P] for P in mine], preprocess, run.workers)
+    for P, (x, ok) in zip(mine, images):
+        yield [data.captions[order[p]][pick[p]] for p in P], x, ok
+
+
 def train_task(model: LPI, t: int, data: ImageCaptionSet, run: "RunSettings",
                targets: torch.Tensor | None) -> dict[str, float]:
     """Train task t's parameters (only those) on its pairs: SGD with momentum, cosine
     schedule (METHOD.md §7), the recipe switches above. targets: the task relations Y.
-    With N processes a global batch of N * batch_size pairs is split among them in order
-    (a last batch of fewer than N pairs is dropped), so they train as one process would
-    with the global batch. Returns {"running": the loss terms' moving averages,
-    "first_steps": the exact terms of the first 5 steps}."""
+    With N processes each global batch is split among them in order, so they train as one
+    process would with the global batch. Returns {"running": the loss terms' moving
+    averages, "first_steps": the exact terms of the first 5 steps}."""
     from tqdm import tqdm
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -1256,22 +1250,17 @@ def train_task(model: LPI, t: int, data: ImageCaptionSet, run: "RunSettings",
         return {"running": {}, "first_steps": []}
     opt = torch.optim.SGD(params, lr=run.lr, momentum=0.9, weight_decay=run.weight_decay)
     n_pairs = sum(map(len, data.captions)) if run.per_caption else len(data)
-    G = run.batch_size * run.dist.world                                     # the global batch
-    total = run.epochs * len([b for b in in_batches(range(n_pairs), G) if len(b) >= run.dist.world])
+    total = run.epochs * len(global_batches(n_pairs, run))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / total)))
-    g = torch.Generator().manual_seed(run.seed * 1000 + t)
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.precision == "fp16" and run.device.type == "cuda")
+    g = torch.Generator().manual_seed(run.seed * 1000 + t)
     files = not isinstance(data.images, torch.Tensor)
     preprocess = train_transform(model.clip.visual.input_resolution) if run.augment and files else run.preprocess
     model.train()
     bar = tqdm(total=total, desc=f"task {t + 1} train", disable=not run.progress)
     running, first_steps, step = {}, [], 0
     for epoch in range(run.epochs):
-        order, pick = training_pairs(data, run.per_caption, g)
-        mine = [shard(b, run.dist) for b in in_batches(range(len(order)), G) if len(b) >= run.dist.world]
-        batches = image_batches(data, [[order[p] for p in P] for P in mine], preprocess, run.workers)
-        for P, (x, ok) in zip(mine, batches):
-            caps = [data.captions[order[p]][pick[p]] for p in P]
+        for caps, x, ok in epoch_batches(data, run, g, preprocess):
             step += 1
             losses = train_step(model, opt, scaler, x, ok, caps, t, targets, run,
                                 where=f"task {t + 1}, step {step} of {total}", files=files)
@@ -1604,6 +1593,39 @@ def record_recall(p: Progress, t: int, recall: dict, routing: dict, skipped: int
     p.results["summary"] = summarize(p.results["recall"], t)
 
 
+def start_progress(model: LPI, tasks: list[Task], run: RunSettings, out: Path, config: dict, resume: bool,
+                   say: Callable) -> Progress:
+    """A fresh start, or with --resume the state of the last checkpoint in `out`."""
+    p = Progress(new_results(model, tasks, config), TaskRouter(seed=run.seed, metric=run.route_metric))
+    if latest_checkpoint(out) is None:
+        return p
+    if not resume:
+        raise LPIError(f"{out} already holds a run ({latest_checkpoint(out).name}); pass --resume to continue "
+                       f"it, or choose another --out")
+    p = resume_progress(model, out, config, p)
+    say(f"resuming after task {p.done} of {len(tasks)} from {latest_checkpoint(out)}")
+    return p
+
+
+def encode_frozen(model: LPI, tasks: list[Task], frozen: list, run: RunSettings) -> int:
+    """Frozen-CLIP features of the test set of each of `tasks` not encoded yet (routing
+    reads them); returns how many images of the last task were unreadable, if it was new."""
+    new = [k for k in range(len(tasks)) if frozen[k] is None]
+    for k in new:
+        frozen[k] = encode_set(model, tasks[k].test, run)  # no task ids: plain CLIP
+    last = len(tasks) - 1
+    return int((~frozen[last][3]).sum()) if last in new else 0
+
+
+def task_line(p: Progress, t: int, recall: dict, routing: dict) -> str:
+    """The line printed after task t: average R@1 over the seen tasks (and routing)."""
+    line = f"task {t + 1}/{len(p.results['tasks'])} {p.results['tasks'][t]}: " + ", ".join(
+        f"{d} R@1 {sum(recall[d]['R@1']) / (t + 1):.1f}" for d in recall) + " (avg over seen tasks)"
+    if p.results["config"].get("method", "lpi") in PER_TASK_METHODS:
+        line += f"; routing image {routing['image']:.1f}% text {routing['text']:.1f}%"
+    return line
+
+
 def run_continual(model: LPI, tasks: list[Task], run: RunSettings, out: Path, config: dict,
                   resume: bool = False) -> dict:
     """The continual protocol (METHOD.md §6-7). For t = 1..T: open task t's prompts, fit its
@@ -1614,13 +1636,7 @@ def run_continual(model: LPI, tasks: list[Task], run: RunSettings, out: Path, co
 
     T, main = len(tasks), run.dist.main
     say = print if main else (lambda *a, **k: None)    # with torchrun, process 0 speaks and writes
-    p = Progress(new_results(model, tasks, config), TaskRouter(seed=run.seed, metric=run.route_metric))
-    if latest_checkpoint(out) is not None:
-        if not resume:
-            raise LPIError(f"{out} already holds a run ({latest_checkpoint(out).name}); pass --resume to continue "
-                           f"it, or choose another --out")
-        p = resume_progress(model, out, config, p)
-        say(f"resuming after task {p.done} of {T} from {latest_checkpoint(out)}")
+    p = start_progress(model, tasks, run, out, config, resume, say)
     theta, by_names = model.cfg.theta, model.cfg.task_similarity == "names"
     if by_names:  # §5: the relations of all T tasks are known from their names before training
         S = broadcast_(name_similarity(model.clip, [tk.readable for tk in tasks]), run.dist)
@@ -1641,28 +1657,20 @@ def run_continual(model: LPI, tasks: list[Task], run: RunSettings, out: Path, co
         data = union([tk.train for tk in tasks]) if run.joint else tasks[t].train
         log = train_task(model, idx, data, run, None if run.joint else Y)
         p.results.setdefault("first_steps", {})[tasks[t].name] = log.get("first_steps", [])
-        for k in range(t + 1):
-            if frozen[k] is None:
-                frozen[k] = encode_set(model, tasks[k].test, run)  # no task ids: plain CLIP
-                skipped += int((~frozen[k][3]).sum()) if k == t else 0  # counted once, also across --resume
+        skipped += encode_frozen(model, tasks[: t + 1], frozen, run)  # counted once, also across --resume
         recall, routing, pool = evaluate(model, tasks[: t + 1], frozen[: t + 1], p.router, run)
         record_recall(p, t, recall, routing, skipped, time.time() - t0)
         p.done = t + 1
         if main:
             save_progress(model, out, config, p)
-        say(f"task {t + 1}/{T} {tasks[t].name}: " + ", ".join(
-            f"{d} R@1 {sum(recall[d]['R@1']) / (t + 1):.1f}" for d in recall)
-            + (f" (avg over seen tasks); routing image {routing['image']:.1f}% text {routing['text']:.1f}%"
-               if p.results["config"].get("method", "lpi") in PER_TASK_METHODS else " (avg over seen tasks)"))
+        say(task_line(p, t, recall, routing))
     return finish(model, tasks, run, out, p, frozen, pool, time.time() - t0)
 
 
 def finish(model: LPI, tasks: list[Task], run: RunSettings, out: Path, p: Progress, frozen: list, pool, seconds: float):
     """Zero-shot CLIP on the same final pool (the frozen features are there already), the
     final summary, results.json and, on built-in data, the retrieval picture."""
-    for k, task in enumerate(tasks):
-        if frozen[k] is None:
-            frozen[k] = encode_set(model, task.test, run)
+    encode_frozen(model, tasks, frozen, run)
     zs, _, zs_pool = evaluate(LPI(model.clip, LPIConfig(J=0)), tasks, frozen, p.router, run)
     p.results.update(zeroshot={"recall": zs, "summary": row_summary(zs)}, wall_time_s=seconds,
                      summary=summarize(p.results["recall"], len(tasks) - 1))
@@ -1679,28 +1687,22 @@ def finish(model: LPI, tasks: list[Task], run: RunSettings, out: Path, p: Progre
 # ========================================================================================
 
 def format_table(results: dict) -> str:
-    """Final recall per task (LPI and zero-shot CLIP on the same pool) and the averages."""
+    """Final recall per task (the method and zero-shot CLIP on the same pool) and the averages."""
     names, rec, zs = results["tasks"], results["recall"], results.get("zeroshot")
-    lines = [f"{'task':<22}{'method':<10}" + "".join(f"{d} {K:<6}" for d in ("i2t", "t2i") for K in ("R@1", "R@5", "R@10"))]
-    rows = []
+    method = results["config"].get("method", "lpi")
+    cols = [(d, K) for d in ("i2t", "t2i") for K in ("R@1", "R@5", "R@10")]
+    row = lambda name, who, vals: f"{name:<22}{who:<10}" + "".join(f"{v:>10.1f}" for v in vals)  # noqa: E731
+    lines = [f"{'task':<22}{'method':<10}" + "".join(f"{d} {K:<6}" for d, K in cols)]
     for k, name in enumerate(names):
-        rows.append((name, results["config"].get("method", "lpi"),
-                     [rec[d][K][-1][k] for d in ("i2t", "t2i") for K in ("R@1", "R@5", "R@10")]))
-        if zs:
-            rows.append(("", "zeroshot", [zs["recall"][d][K][k] for d in ("i2t", "t2i") for K in ("R@1", "R@5", "R@10")]))
-    for name, method, vals in rows:
-        lines.append(f"{name:<22}{method:<10}" + "".join(f"{v:>10.1f}" for v in vals))
+        lines.append(row(name, method, [rec[d][K][-1][k] for d, K in cols]))
+        lines += [row("", "zeroshot", [zs["recall"][d][K][k] for d, K in cols])] if zs else []
     s = results["summary"]
     lines.append("-" * len(lines[0]))
-    lines.append(f"{'average':<22}{results['config'].get('method', 'lpi'):<10}"
-                 + "".join(f"{s[f'{d}_{K}']:>10.1f}" for d in ("i2t", "t2i") for K in ("R@1", "R@5", "R@10")))
-    if zs:
-        z = zs["summary"]
-        lines.append(f"{'':<22}{'zeroshot':<10}"
-                     + "".join(f"{z[f'{d}_{K}']:>10.1f}" for d in ("i2t", "t2i") for K in ("R@1", "R@5", "R@10")))
+    lines.append(row("average", method, [s[f"{d}_{K}"] for d, K in cols]))
+    lines += [row("", "zeroshot", [zs["summary"][f"{d}_{K}"] for d, K in cols])] if zs else []
     lines.append(f"mean recall {s['mean_recall']:.1f}" + (f" (zero-shot {zs['summary']['mean_recall']:.1f})" if zs else "")
                  + f"; average forgetting of R@1: i2t {s['i2t_forgetting_R@1']:.1f}, t2i {s['t2i_forgetting_R@1']:.1f}")
-    if results["routing_accuracy"] and results["config"].get("method", "lpi") in PER_TASK_METHODS:
+    if results["routing_accuracy"] and method in PER_TASK_METHODS:
         r = results["routing_accuracy"][-1]
         lines.append(f"routing accuracy after the last task: images {r['image']:.1f}%, captions {r['text']:.1f}%")
     if results.get("skipped_images"):
@@ -1709,7 +1711,7 @@ def format_table(results: dict) -> str:
     keys = f", keys {p['keys']:,}" if p.get("keys") else ""
     lines.append(f"trainable parameters per task: {p['total']:,} (prompts {p['prompts']:,}, "
                  f"interaction {p['interaction']:,}{keys}); wall time {results['wall_time_s']:.0f} s")
-    if results["config"].get("method", "lpi") == "lpi" and "parameter_comparison" in results:
+    if method == "lpi" and "parameter_comparison" in results:
         lines.append(format_parameter_comparison(results["parameter_comparison"]))
     return "\n".join(lines)
 
@@ -2126,58 +2128,27 @@ UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError)
 
 
 class ImageFileDataset(Dataset):
-    """Images of an ImageCaptionSet (file paths) read with PIL and turned into tensors.
+    """The images of an ImageCaptionSet (file paths), read with PIL: item k is
+    (preprocess(image k), k, ok). A missing or undecodable file gives a zero tensor of the
+    same shape and ok = False; the default collate_fn batches ok into a bool tensor."""
 
-    mode="pairs"  (training): one item per (image, caption) pair -> (image, caption, image_index, ok)
-    mode="images" (evaluation): one item per image               -> (image, image_index, ok)
-
-    image is preprocess(PIL RGB image), a tensor; when the file is missing or cannot be
-    decoded, image is a zero tensor of the same shape and ok is False. The default
-    collate_fn batches ok into a bool tensor; `drop_unreadable` removes those items.
-    """
-
-    def __init__(self, data: ImageCaptionSet, preprocess: Callable, mode: str = "pairs"):
-        if mode not in ("pairs", "images"):
-            raise ValueError(f"mode must be 'pairs' or 'images', not {mode!r}")
-        self.data, self.preprocess, self.mode = data, preprocess, mode
-        # (image index, caption) for every pair, in order
-        self.pairs = [(i, c) for i, caps in enumerate(data.captions) for c in caps] if mode == "pairs" else None
+    def __init__(self, data: ImageCaptionSet, preprocess: Callable):
+        self.data, self.preprocess = data, preprocess
         self._blank = None  # zero tensor standing in for an unreadable image, made on first need
 
     def __len__(self) -> int:
-        return len(self.pairs) if self.mode == "pairs" else len(self.data)
+        return len(self.data)
 
-    def load(self, index: int) -> tuple[torch.Tensor, bool]:
-        """(preprocessed image, True), or (zeros of the same shape, False) if it cannot be read."""
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, int, bool]:
         try:
-            with Image.open(self.data.images[index]) as img:
+            with Image.open(self.data.images[k]) as img:
                 img = img.convert("RGB")  # forces the full decode, so truncated files fail here
         except UNREADABLE_IMAGE_ERRORS:
             if self._blank is None:
                 # preprocess resizes and crops to a fixed size, so any blank image gives the shape
                 self._blank = torch.zeros_like(self.preprocess(Image.new("RGB", (64, 64))))
-            return self._blank, False
-        return self.preprocess(img), True
-
-    def __getitem__(self, k: int):
-        if self.mode == "pairs":
-            i, caption = self.pairs[k]
-            image, ok = self.load(i)
-            return image, caption, i, ok
-        image, ok = self.load(k)
-        return image, k, ok
-
-
-def drop_unreadable(batch):
-    """A collated ImageFileDataset batch -> (the batch without its unreadable items, how many were dropped).
-
-    The last field of the batch is the ok mask; tensors are indexed with it, lists of
-    captions filtered by it.
-    """
-    *fields, ok = batch
-    kept = [f[ok] if isinstance(f, torch.Tensor) else [x for x, keep in zip(f, ok.tolist()) if keep]
-            for f in fields]
-    return tuple(kept), int((~ok).sum())
+            return self._blank, k, False
+        return self.preprocess(img), k, True
 
 
 # ----------------------------------------------------------------------------------------

@@ -9,14 +9,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 from lpi import (COCO_TASK_ORDER, ImageCaptionSet, ImageFileDataset, LPIError, Task, coco_supercategory_tasks,
-                     coco_task, drop_unreadable, flickr_task, load_karpathy, number_supercategories,
+                     coco_task, flickr_task, image_batches, load_karpathy, number_supercategories,
                      parse_task_specs, split_coco_by_supercategory, subsample)  # noqa: E402
 
 from fixtures import COCO_CATEGORIES, make_coco_fixture, make_flickr_fixture  # noqa: E402
@@ -153,29 +152,25 @@ def test_unreadable_images_are_flagged_not_fatal(tmp_path):
     os.remove(missing)
     bad = set(fx.corrupt) | {missing}
 
-    images = ImageFileDataset(test, tiny_preprocess, mode="images")
+    images = ImageFileDataset(test, tiny_preprocess)
     assert len(images) == len(test)
     items = [images[k] for k in range(len(images))]
     assert all(img.shape == (3, 16, 16) for img, _, _ in items)
     assert {test.images[k] for img, k, ok in items if not ok} == bad
     assert all(img.abs().sum() == 0 for img, _, ok in items if not ok)
 
-    # pairs mode through a DataLoader with worker processes: the flag travels with the batch
-    pairs = ImageFileDataset(test, tiny_preprocess, mode="pairs")
-    assert len(pairs) == 5 * len(test)
-    dropped, kept = 0, 0
-    for batch in DataLoader(pairs, batch_size=16, num_workers=2):
-        (imgs, captions, index), n_bad = drop_unreadable(batch)
-        assert len(imgs) == len(captions) == len(index)
-        assert all(test.images[i] not in bad for i in index.tolist())
-        assert all(c in test.captions[i] for c, i in zip(captions, index.tolist()))
-        dropped, kept = dropped + n_bad, kept + len(imgs)
-    assert dropped == 5 * len(bad) and kept == 5 * (len(test) - len(bad))
+    # as the loop reads them (image_batches), through DataLoader worker processes: the flag
+    # travels with each batch, in the order of the requested indices
+    batches = [[5, 0, 3], list(range(len(test)))]
+    got = list(image_batches(test, batches, tiny_preprocess, workers=2))
+    for idx, (x, ok) in zip(batches, got):
+        assert x.shape == (len(idx), 3, 16, 16)
+        assert [not flag for flag in ok.tolist()] == [test.images[i] in bad for i in idx]
 
 
 def test_flickr_corrupt_images_flagged(tmp_path):
     fx = make_flickr_fixture(str(tmp_path), corrupt=2)
-    data = ImageFileDataset(flickr_task(fx.root).test, tiny_preprocess, mode="images")
+    data = ImageFileDataset(flickr_task(fx.root).test, tiny_preprocess)
     assert sum(not ok for _, _, ok in (data[k] for k in range(len(data)))) == 2
 
 
