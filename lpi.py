@@ -120,13 +120,10 @@ class LowRankPrompts(nn.Module):
     shared; B_v, B_t (M x R) and C_v (D_v x R), C_t (D_t x R) are modality-specific.
     Parameters per task: R * (J + 2M + D_v + D_t).
 
-    Scale [ours]: both CLIP encoders are pre-LN, so a prompt token acts on the other tokens
-    only through LN(P), i.e. through its direction: the growth of hidden states with depth
-    does not call for bigger prompts at deeper layers. Scale matters only where a prompt is
-    *added* to something: at text layer 0 (the positional embedding, std ~0.01) and in the
-    residual stream after the last prompted layer. We keep the paper's 1/R and N(0, 0.5^2)
-    factors: the resulting prompts (std ~ 0.5^3/sqrt(R) ~ 0.06) dominate the positional
-    embedding at their positions, as a word embedding does.
+    Scale [ours]: both encoders are pre-LN, so a prompt token acts on the others only through
+    LN(P), its direction; no per-layer rescaling. The paper's 1/R and N(0, 0.5^2) factors give
+    prompts of std ~0.06, which dominate text layer 0's positional embedding (std ~0.01) at
+    their positions, as a word embedding does.
     """
 
     def __init__(self, J: int, M: int, D_v: int, D_t: int, R: int, std: float):
@@ -256,13 +253,10 @@ def prompt_level_loss(P_v: torch.Tensor, P_t: torch.Tensor, tau: float) -> torch
 
         L_prompt = InfoNCE( cos(s_v, s_t) / τ )     over the J layers, both directions
 
-    [ours] The authors summarise a layer by its mean over D. Every prompt token reaches the
-    network through a LayerNorm, which removes exactly that mean (and the scale), so such a
-    loss moves only what the encoders never see. The token structure is what LayerNorm
-    keeps. It is blind to each token's scale, including the relative scale of the two
-    modalities that the interaction mixes before its own LayerNorm: that scale is left to
-    the retrieval loss, which sees its effect. With M = 1 a layer has no token structure
-    and the loss is 0."""
+    [ours] The authors summarise a layer by its mean over D, which the LayerNorm every
+    prompt passes removes: such a loss moves only what the encoders never see. The token
+    structure is what LayerNorm keeps (blind to each token's scale, which is left to the
+    retrieval loss). With M = 1 a layer has no token structure and the loss is 0."""
     s_v, s_t = token_structure(P_v), token_structure(P_t)    # (J, M(M-1)/2) each
     if s_v.shape[1] == 0:
         return (P_v.sum() + P_t.sum()) * 0.0                  # keeps the graph and the dtype
@@ -303,14 +297,11 @@ def centroid_similarity(centroids_img: torch.Tensor, centroids_txt: torch.Tensor
 def task_targets(similarity: torch.Tensor, theta: float) -> torch.Tensor:
     """Targets Y[i, k] = 1 for related tasks, 0 for unrelated ones; 1 on the diagonal.
 
-    [ours] θ is applied to the *range-normalised* similarity: off-diagonal values rescaled
-    so that the least similar pair is 0 and the most similar 1 (a monotone map: the order of
-    the pairs is kept). CLIP embeddings share a large common component, so raw cosines of a
-    real CLIP can all lie above θ = 0.4 (and those of our tiny one anywhere); after the
-    rescaling θ splits the pairs on any backbone, the extreme pairs always on either side.
-    On the authors' own matrix (off-diagonal 0.22-0.70) θ = 0.4 then sits at a raw 0.41:
-    their split. With fewer than two distinct off-diagonal values (e.g. two tasks) there
-    is no range, and θ applies to the raw cosine."""
+    [ours] θ applies to the *range-normalised* similarity (off-diagonal values mapped so that
+    the least similar pair is 0 and the most similar 1; the order of pairs is kept): raw CLIP
+    cosines share a large common component and can all exceed θ = 0.4. On the authors' own
+    matrix θ then sits at a raw 0.41, their split. With fewer than two distinct off-diagonal
+    values (e.g. two tasks) there is no range, and θ applies to the raw cosine."""
     S = similarity.float()
     T = S.shape[0]
     off = ~torch.eye(T, dtype=torch.bool)
@@ -331,13 +322,11 @@ def task_contrastive_loss(prompts: torch.Tensor, targets: torch.Tensor, tau: flo
 
         L_task = mean_{Y=1} BCE(σ(X/τ), 1) + mean_{Y=0} BCE(σ(X/τ), 0)
 
-    [ours] X compares the prompts token by token after standardising each token over D
-    (what the encoders read): every layer and token counts alike. On raw prompts the deep
-    layers, which leave the interaction's LayerNorm at unit scale, would drown layer 0
-    (scale ~0.06). Each mean is 0 when it has no pairs, so the loss is 0 (not NaN) at the
-    first task. The sigmoid is applied once (the authors' code applies it twice). [ours]
-    τ = 0.1 by default: with τ = 0.001 and a single sigmoid, BCE is ~|X|/τ with slope 1000,
-    which swamps the retrieval loss at any weight the paper uses.
+    [ours] X compares the prompts with each token standardised over D (what the encoders
+    read), so that layer 0 (scale ~0.06) counts as much as the deep layers that leave the
+    interaction's LayerNorm at unit scale. Each mean is 0 when it has no pairs: the loss is
+    0 (not NaN) at the first task. One sigmoid (the authors' code applies two); [ours]
+    τ = 0.1, since at their 0.001 the BCE's slope of 1000 swamps the retrieval loss.
     """
     T = prompts.shape[0]
     if T < 2:

@@ -191,7 +191,7 @@ def plot_matrices(work: Path, slug_of: dict, rows: list, fixed: list, seeds: lis
     fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes, one seed, a few rows: a smoke test of the script")
@@ -214,40 +214,26 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per run (default: 1 with --jobs > 1, else torch's own choice)")
     p.add_argument("--rows", default=None, help="only rows whose label contains one of these comma-separated words")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    import torch
-    import lpi
-    import clip_model
 
-    n_jobs = a.jobs or (1 if a.quick else 2)
-    threads = a.threads or (1 if n_jobs > 1 else None)
-    if threads:
-        torch.set_num_threads(threads)
+def sizes_and_flags(a, lpi) -> tuple[dict, list[str]]:
+    """The sizes of the runs (quick or default, overridden by the command line) and the
+    lpi.py flags every run shares."""
     size = dict(QUICK_SIZE if a.quick else DEFAULT_SIZE)
     for k in ("max_train_per_task", "max_test_per_task", "epochs", "batch_size", "tasks", "pretrain_steps"):
         if getattr(a, k) is not None:
             size[k] = getattr(a, k)
     size.setdefault("pretrain_steps", lpi.world.PRETRAIN_DEFAULTS["steps"])
-    seeds = list(range(a.seeds if a.seeds is not None else (1 if a.quick else 3)))
-    out_dir = Path(a.out_dir or (ROOT / ("runs/evidence_quick" if a.quick else "benchmarks/results")))
-    work = Path(a.work_dir or (ROOT / ("runs/evidence_quick" if a.quick else "runs/evidence")))
-    fixed = ["--cache-dir", a.cache_dir, "--no-progress", "--workers", "0",
-             "--pretrain-steps", str(size["pretrain_steps"])]
+    fixed = ["--cache-dir", a.cache_dir, "--no-progress", "--workers", "0", "--pretrain-steps", str(size["pretrain_steps"])]
     for k in ("max_train_per_task", "max_test_per_task", "epochs", "batch_size", "tasks"):
         if k in size:
             fixed += ["--" + k.replace("_", "-"), str(size[k])]
+    return size, fixed
 
-    t_start = time.time()
-    print(f"tiny CLIP ({size['pretrain_steps']} pre-training steps) from {a.cache_dir} ...", flush=True)
-    lpi.world.load_or_build_tiny_clip(a.cache_dir, steps=size["pretrain_steps"], progress=True)  # once, before the runs
-    depth = min(clip_model.TINY.vision_layers, clip_model.TINY.transformer_layers)
-    rows = table_rows(depth, a.quick)
-    if a.rows:
-        words = a.rows.split(",")
-        rows = [r for r in rows if any(w in r[1] for w in words)]
 
-    # distinct settings -> the runs that serve every row with those settings
+def distinct_settings(rows: list, fixed: list[str], lpi) -> tuple[dict, list]:
+    """Rows -> {settings: run folder name} and the distinct (settings, flags) to run."""
     slug_of, distinct = {}, []
     for group, label, flags in rows:
         key = resolved_settings(lpi, [*flags, *fixed])
@@ -256,49 +242,54 @@ def main(argv=None) -> int:
             name = "".join(c for c in label.replace(" ", "_") if c.isalnum() or c in "_-")
             slug_of[key] = f"{name}_{hashlib.sha256(key.encode()).hexdigest()[:8]}"
             distinct.append((key, flags))
-    todo = [(key, flags, s) for key, flags in distinct for s in seeds]
-    print(f"{len(rows)} rows, {len(distinct)} distinct settings x {len(seeds)} seed(s) = {len(todo)} runs; "
-          f"sizes {size}; {n_jobs} parallel job(s), torch threads {threads or torch.get_num_threads()} each",
-          flush=True)
+    return slug_of, distinct
+
+
+def run_all(jobs: list, n_jobs: int, lpi) -> dict[str, list[dict]]:
+    """Every run, n_jobs at a time; -> {settings: [one dict of metrics per seed]}."""
     runs: dict[str, list[dict]] = {}
     t_runs = time.time()
-    jobs = [([*flags, *fixed, "--seed", str(s)], str(work / slug_of[key] / f"seed{s}"), threads)
-            for key, flags, s in todo]
     if n_jobs == 1:
         done = (job(j) for j in jobs)
     else:  # separate processes (spawned: a clean torch each), one torch thread apiece
         pool = concurrent.futures.ProcessPoolExecutor(n_jobs, mp_context=multiprocessing.get_context("spawn"))
         done = (f.result() for f in concurrent.futures.as_completed([pool.submit(job, j) for j in jobs]))
     for i, (flags, out, res, wall, cpu) in enumerate(done, 1):
-        key = resolved_settings(lpi, flags)
-        runs.setdefault(key, []).append(dict(seed=int(flags[-1]), run_time_s=wall, cpu_time_s=cpu,
-                                             trainable_params=res["trainable_params_per_task"], **run_metrics(res)))
+        runs.setdefault(resolved_settings(lpi, flags), []).append(dict(
+            seed=int(flags[-1]), run_time_s=wall, cpu_time_s=cpu, trainable_params=res["trainable_params_per_task"],
+            **run_metrics(res)))
         elapsed = time.time() - t_runs
-        eta = elapsed / i * (len(todo) - i)
-        print(f"[{i}/{len(todo)}] {Path(out).parent.name} seed {flags[-1]}: {wall:.0f}s (cpu {cpu:.0f}s) "
-              f"(elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min)", flush=True)
+        print(f"[{i}/{len(jobs)}] {Path(out).parent.name} seed {flags[-1]}: {wall:.0f}s (cpu {cpu:.0f}s) "
+              f"(elapsed {elapsed / 60:.1f} min, ETA {elapsed / i * (len(jobs) - i) / 60:.1f} min)", flush=True)
     if n_jobs > 1:
         pool.shutdown()
     for rs in runs.values():
         rs.sort(key=lambda r: r["seed"])
+    return runs
 
-    # the table
-    out_rows = []
+
+def table(rows: list, runs: dict, fixed: list[str], lpi) -> list[dict]:
+    """One dict per row: its runs, their mean and std per metric, and the row whose runs it shares."""
+    out = []
     for group, label, flags in rows:
         key = resolved_settings(lpi, [*flags, *fixed])
-        rs = runs[key]
-        method = flags[1]
+        rs, method = runs[key], flags[1]
         stats = {m: mean_std([r[m] for r in rs]) for m in METRICS}
         shared_with = next(lb for _, lb, f in rows if resolved_settings(lpi, [*f, *fixed]) == key)
-        out_rows.append(dict(group=group, label=label, flags=" ".join(flags), method=method,
-                             same_runs_as=None if shared_with == label else shared_with,
-                             routed=method in ROUTED, trainable_params=rs[0]["trainable_params"],
-                             mean={m: v[0] for m, v in stats.items()}, std={m: v[1] for m, v in stats.items()},
-                             runs=rs))
-    T = len(size.get("tasks", ",".join(lpi.BUILTIN_TASKS)).split(","))
+        out.append(dict(group=group, label=label, flags=" ".join(flags), method=method,
+                        same_runs_as=None if shared_with == label else shared_with,
+                        routed=method in ROUTED, trainable_params=rs[0]["trainable_params"],
+                        mean={m: v[0] for m, v in stats.items()}, std={m: v[1] for m, v in stats.items()}, runs=rs))
+    return out
+
+
+def markdown(out_rows: list, size: dict, seeds: list, a, n_jobs: int, minutes: float, lpi) -> str:
+    import torch
+
+    tasks = size.get("tasks", ",".join(lpi.BUILTIN_TASKS))
     lines = ["# Evidence: methods, ablations and sweeps on the built-in tasks", "",
-             f"Tiny CLIP ({size['pretrain_steps']} pre-training steps), built-in tasks "
-             f"{size.get('tasks', ','.join(lpi.BUILTIN_TASKS))} ({T} tasks), {size['max_train_per_task']} training / "
+             f"Tiny CLIP ({size['pretrain_steps']} pre-training steps), built-in tasks {tasks} "
+             f"({len(tasks.split(','))} tasks), {size['max_train_per_task']} training / "
              f"{size['max_test_per_task']} test images per task, "
              f"{size.get('epochs', lpi.TINY_DEFAULTS['epochs'])} epoch(s) per task, "
              f"batch {size.get('batch_size', lpi.TINY_DEFAULTS['batch_size'])}, other settings lpi.py's defaults "
@@ -307,8 +298,7 @@ def main(argv=None) -> int:
              f"Mean ± std over seeds {seeds} (training order, subsampling and initialisation; the data and the "
              f"backbone are fixed). Made by `python benchmarks/evidence.py{' --quick' if a.quick else ''}` on "
              f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), {n_jobs} parallel run(s) of "
-             f"{torch.get_num_threads()} torch thread(s), in "
-             f"{(time.time() - t_start) / 60:.1f} min.", "",
+             f"{torch.get_num_threads()} torch thread(s), in {minutes:.1f} min.", "",
              "R@1: final average over tasks, pool = all tasks' test items. Forgetting: of R@1, averaged over "
              "tasks 1..T-1. Routing: accuracy of the k-means task routing (mean of images and captions) after "
              "the last task, only for the methods that route. Params: trainable per task (L2P: its whole pool, "
@@ -322,11 +312,39 @@ def main(argv=None) -> int:
             routing = cell(*mean_std([(x["routing_image"] + x["routing_text"]) / 2 for x in r["runs"]]))
         label = r["label"] + (f" (= {r['same_runs_as']})" if r["same_runs_as"] else "")
         cells = [cell(r["mean"][m], r["std"][m]) for m in METRICS[:5]]
-        cells += [routing, f"{r['trainable_params']['total']:,}",
-                  cell(r["mean"]["wall_time_s"], r["std"]["wall_time_s"])]
+        cells += [routing, f"{r['trainable_params']['total']:,}", cell(r["mean"]["wall_time_s"], r["std"]["wall_time_s"])]
         lines.append(f"| {r['group']} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    import torch
+    import lpi
+    import clip_model
+
+    n_jobs = a.jobs or (1 if a.quick else 2)
+    threads = a.threads or (1 if n_jobs > 1 else None)
+    if threads:
+        torch.set_num_threads(threads)
+    size, fixed = sizes_and_flags(a, lpi)
+    seeds = list(range(a.seeds if a.seeds is not None else (1 if a.quick else 3)))
+    out_dir = Path(a.out_dir or (ROOT / ("runs/evidence_quick" if a.quick else "benchmarks/results")))
+    work = Path(a.work_dir or (ROOT / ("runs/evidence_quick" if a.quick else "runs/evidence")))
+    t_start = time.time()
+    print(f"tiny CLIP ({size['pretrain_steps']} pre-training steps) from {a.cache_dir} ...", flush=True)
+    lpi.world.load_or_build_tiny_clip(a.cache_dir, steps=size["pretrain_steps"], progress=True)  # once, before the runs
+    rows = table_rows(min(clip_model.TINY.vision_layers, clip_model.TINY.transformer_layers), a.quick)
+    if a.rows:
+        rows = [r for r in rows if any(w in r[1] for w in a.rows.split(","))]
+    slug_of, distinct = distinct_settings(rows, fixed, lpi)
+    jobs = [([*flags, *fixed, "--seed", str(s)], str(work / slug_of[key] / f"seed{s}"), threads)
+            for key, flags in distinct for s in seeds]
+    print(f"{len(rows)} rows, {len(distinct)} distinct settings x {len(seeds)} seed(s) = {len(jobs)} runs; "
+          f"sizes {size}; {n_jobs} parallel job(s), torch threads {threads or torch.get_num_threads()} each", flush=True)
+    out_rows = table(rows, run_all(jobs, n_jobs, lpi), fixed, lpi)
     params, ptable = parameter_table(lpi)
-    md = "\n".join(lines) + "\n\n" + ptable + "\n"
+    md = markdown(out_rows, size, seeds, a, n_jobs, (time.time() - t_start) / 60, lpi) + "\n\n" + ptable + "\n"
     total = time.time() - t_start
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "evidence.md").write_text(md)
@@ -334,7 +352,7 @@ def main(argv=None) -> int:
         settings=dict(size, seeds=seeds, quick=a.quick, jobs=n_jobs, torch_threads=torch.get_num_threads(),
                       machine=platform.platform(), lpi_flags=fixed),
         rows=out_rows, parameters_vitb16=params, total_time_s=total), indent=2))
-    plot_matrices(work, {k: v for k, v in slug_of.items()}, rows, fixed, seeds, lpi, out_dir / "recall_matrices.png")
+    plot_matrices(work, slug_of, rows, fixed, seeds, lpi, out_dir / "recall_matrices.png")
     print(md)
     print(f"wrote {out_dir / 'evidence.md'}, {out_dir / 'evidence.json'} and {out_dir / 'recall_matrices.png'} "
           f"in {total / 60:.1f} min")

@@ -14,7 +14,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-CODE_FILES = ("clip_model.py", "lpi.py", "builtin_world.py", "notebooks/nbsetup.py", "tiny_clip.pt.xz")
+# What the notebooks' outputs depend on: the code they teach, the shipped tiny CLIP, and the
+# evidence script and committed results that notebook 07 runs and reads.
+CODE_FILES = ("clip_model.py", "lpi.py", "builtin_world.py", "notebooks/nbsetup.py", "tiny_clip.pt.xz",
+              "benchmarks/evidence.py", "benchmarks/results/evidence.json", "benchmarks/results/recall_matrices.png")
 
 
 def code_hash() -> str:
