@@ -9,9 +9,12 @@ Reading order = the paper's order, then the data flow:
   §1-2  configuration; low-rank decomposed multi-modal prompts (and the full-rank variant)
   §3    multi-modal correlation (interaction) modules
   §4    hierarchical low-rank contrastive loss;  §5 task contrastive constraint; CLIP loss
-  -     the LPI model: frozen CLIP + per-task prompt sets; parameter accounting
+  -     the LPI model: frozen CLIP + per-task prompt sets
+  -     the baselines (zero-shot, seqft, S-Prompts, L2P, joint) behind LPI's interface, and
+        what each method trains and stores
   §6    task identity at test time: k-means keys and routing
-  §7    evaluation (Recall@K), the continual training loop, checkpoints, the report
+  §7    evaluation (Recall@K), the continual training loop; then what it runs on (several
+        processes, mixed precision, checkpoint files); the report
   data  the built-in tasks (drawn by builtin_world.py), COCO / Flickr30K (Karpathy), COCO
         super-category tasks
   -     the command line
@@ -984,23 +987,6 @@ def union(sets: list[ImageCaptionSet]) -> ImageCaptionSet:
     return ImageCaptionSet([p for s in sets for p in s.images], caps)
 
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def default_precision(device: torch.device) -> str:
-    """--precision auto: bf16 on a CUDA device that supports it, fp32 elsewhere (CPU bf16
-    matmuls are slower than fp32 on most CPUs)."""
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-
-
-def autocast(device: torch.device, precision: str = "fp32"):
-    """Mixed precision for the frozen encoders' matmuls. The learned prompts stay fp32
-    (master weights: the optimiser never sees a half-precision copy) and every loss casts
-    its inputs to fp32 before the softmax."""
-    dtype = PRECISIONS[precision]
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
 @torch.no_grad()
 def encode_set(model: LPI, data: ImageCaptionSet, run: "RunSettings", img_task=None, cap_task=None,
                progress: str | None = None):
@@ -1035,121 +1021,6 @@ def encode_set(model: LPI, data: ImageCaptionSet, run: "RunSettings", img_task=N
             cap_feats.append(model.encode_text(tokens, ids).float().cpu())
     return (gather_rows(torch.cat(img_feats), run.dist), gather_rows(torch.cat(cap_feats), run.dist), cap2img,
             gather_rows(torch.cat(ok_all), run.dist))
-
-
-# ---------------------------------------------------------------------------------------
-# Several processes (torchrun): what each one does, and the few collectives they share
-#
-# `torchrun --nproc_per_node N lpi.py ...` starts N copies; each trains on its share of every
-# global batch, encodes its shard of every set, and gets the others' results back. Only the
-# current task's prompts train, so gradients are small: they are averaged with one
-# all-reduce per step (no DistributedDataParallel wrapper needed). Only process 0 prints
-# and writes files.
-# ---------------------------------------------------------------------------------------
-
-@dataclass
-class Dist:
-    """This process's place among the processes of a run (1 process: rank 0 of 1)."""
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
-    """Join the process group torchrun set up (NCCL on CUDA, gloo on the CPU); one GPU per
-    process. Without torchrun (WORLD_SIZE unset or 1): a single process, nothing to join."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist(), device
-    import torch.distributed as dist
-
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size()), device
-
-
-def shard(items: range | list, d: Dist) -> range | list:
-    """This process's contiguous share of `items` (sizes differ by at most one)."""
-    n, r, w = len(items), d.rank, d.world
-    return items[r * n // w:(r + 1) * n // w]
-
-
-def _comm_device() -> torch.device:
-    """Where collectives run: NCCL moves CUDA tensors only, gloo CPU ones."""
-    import torch.distributed as dist
-
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def _gather(x: torch.Tensor, d: Dist) -> list[torch.Tensor]:
-    """Every process's x (rows may differ in number), in rank order; no gradient."""
-    import torch.distributed as dist
-
-    dev = _comm_device()
-    sizes = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(d.world)]
-    dist.all_gather(sizes, torch.tensor([len(x)], device=dev))
-    most = int(max(sizes))
-    padded = torch.cat([x.detach().to(dev), x.new_zeros(most - len(x), *x.shape[1:], device=dev)])
-    parts = [torch.empty_like(padded) for _ in range(d.world)]
-    dist.all_gather(parts, padded.contiguous())
-    return [part[: int(n)].to(x.device) for part, n in zip(parts, sizes)]
-
-
-def gather_rows(x: torch.Tensor, d: Dist) -> torch.Tensor:
-    """Every process's rows (shards of different lengths), concatenated in rank order."""
-    return x if d.world == 1 else torch.cat(_gather(x, d))
-
-
-def gather_with_grad(x: torch.Tensor, d: Dist) -> torch.Tensor:
-    """gather_rows, with this process's own rows still attached to its graph: the global
-    contrastive loss then sends each process the gradient of its own rows."""
-    if d.world == 1:
-        return x
-    parts = _gather(x, d)
-    parts[d.rank] = x
-    return torch.cat(parts)
-
-
-def all_reduce_ints(values: list[int], d: Dist, op: str = "sum") -> list[int]:
-    """Sum (or max) of each value over the processes (the values themselves with one process)."""
-    if d.world == 1:
-        return values
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.long, device=_comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return t.tolist()
-
-
-def average_gradients(params: list[torch.Tensor], d: Dist) -> None:
-    """All processes end the step with the mean of their gradients (one flat all-reduce)."""
-    if d.world == 1:
-        return
-    import torch.distributed as dist
-
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads]).to(_comm_device())
-    dist.all_reduce(flat)
-    flat /= d.world
-    for p, part in zip(params, flat.split([g.numel() for g in grads])):
-        p.grad = part.view_as(p).to(p.device, copy=True)
-
-
-def broadcast_(x: torch.Tensor, d: Dist) -> torch.Tensor:
-    """Process 0's tensor, in place on every process (computed once, the same everywhere)."""
-    if d.world > 1:
-        import torch.distributed as dist
-
-        y = x.to(_comm_device())
-        dist.broadcast(y, 0)
-        x.copy_(y)
-    return x
 
 
 # ---------------------------------------------------------------------------------------
@@ -1317,7 +1188,7 @@ class RunSettings:
     augment: bool = False         # the authors' crop + flip of training images
     per_caption: bool = True      # an epoch visits every caption (else every image) once
     precision: str = "fp32"       # autocast dtype of the frozen encoders: fp32 | bf16 | fp16
-    dist: Dist = field(default_factory=Dist)  # this process among torchrun's (1 of 1 without it)
+    dist: Dist = field(default_factory=lambda: Dist())  # this process among torchrun's (1 of 1 without it)
     progress: bool = True
     joint: bool = False   # train once on all tasks' data (the joint upper bound)
 
@@ -1410,90 +1281,6 @@ def evaluate(model: LPI, tasks: list[Task], frozen: list[tuple], router: TaskRou
                 recall[d][name].append(v)
     accuracy = lambda routed, true: 100.0 * float((routed == true).double().mean()) if len(true) else 0.0  # noqa: E731
     return recall, {"image": accuracy(pool.img_routed, pool.img_task), "text": accuracy(pool.cap_routed, pool.cap_task)}, pool
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file and rename: an interrupted run never leaves a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def save_json(path: Path, obj) -> None:
-    _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2)))
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    found = sorted((out / "checkpoints").glob("task_*.pt"))
-    return found[-1] if found else None
-
-
-CHECKPOINT_KEYS = {"config", "done", "learned", "router", "centroids_img", "centroids_txt", "results"}
-
-
-def read_checkpoint(path: Path) -> dict:
-    """A run's checkpoint, read with weights_only=True: tensors and plain containers only
-    (configs and results are dicts of numbers and strings), so a checkpoint someone hands
-    you cannot run code on your machine. Anything else is refused with one message."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LPIError(f"{path} was refused: it holds objects other than tensors and plain data, which could run "
-                       f"code when unpickled (checkpoints are read with weights_only=True). Detail: {first}") from None
-    except Exception as e:  # noqa: BLE001 - truncated or not a torch file: one clear message
-        raise LPIError(f"{path} is not a readable checkpoint ({type(e).__name__}): corrupt or truncated? "
-                       f"Delete it to redo that task with --resume, or choose another --out") from None
-    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= set(ckpt):
-        raise LPIError(f"{path} is not a checkpoint of lpi.py (expected a dict with {', '.join(sorted(CHECKPOINT_KEYS))})")
-    return ckpt
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-@contextmanager
-def run_lock(out: Path):
-    """One run per output folder: <out>/.lock holds "pid host" while a run writes there and
-    is removed on exit. A lock left by a killed run (its process gone) is stale and taken
-    over; a lock of a live process, or of another host, is refused with a message."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise LPIError(f"--out {out} cannot be created: {e.strerror or e}") from None
-    lock, me = out / ".lock", f"{os.getpid()} {socket.gethostname()}"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            pid, _, host = lock.read_text().partition(" ")
-            if host.strip() != socket.gethostname() or not pid.isdigit() or _pid_alive(int(pid)):
-                raise LPIError(f"{out} is in use by another run (process {pid} on {host.strip() or '?'}; lock file "
-                               f"{lock}). Wait for it, or delete the lock file if no such run is alive") from None
-            print(f"note: removing the stale lock of a run that is gone (process {pid})")
-            lock.unlink(missing_ok=True)
-        except OSError as e:
-            raise LPIError(f"--out {out} is not writable: {e.strerror or e}") from None
-    else:
-        raise LPIError(f"{out}: could not take the lock {lock}")
-    os.write(fd, me.encode())
-    os.close(fd)
-    for tmp in list(out.glob(".*.tmp*")) + list((out / "checkpoints").glob(".*.tmp*")):
-        tmp.unlink(missing_ok=True)  # half-written files of an interrupted run (never read)
-    try:
-        yield
-    finally:
-        if lock.is_file() and lock.read_text() == me:
-            lock.unlink()
 
 
 def record_task_relations(results: dict, S: torch.Tensor, theta: float, source: str,
@@ -1669,6 +1456,234 @@ def finish(model: LPI, tasks: list[Task], run: RunSettings, out: Path, p: Progre
             method = p.results["config"].get("method", "method")
             plot_retrievals(tasks, {"zero-shot CLIP": zs_pool, method: pool}, out / "retrievals.png")
     return p.results
+
+
+# ========================================================================================
+# §7, support: several processes, mixed precision, checkpoint files and the run lock
+# ========================================================================================
+
+# ---------------------------------------------------------------------------------------
+# Several processes (torchrun): what each one does, and the few collectives they share
+#
+# `torchrun --nproc_per_node N lpi.py ...` starts N copies; each trains on its share of every
+# global batch, encodes its shard of every set, and gets the others' results back. Only the
+# current task's prompts train, so gradients are small: they are averaged with one
+# all-reduce per step (no DistributedDataParallel wrapper needed). Only process 0 prints
+# and writes files.
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    """This process's place among the processes of a run (1 process: rank 0 of 1)."""
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
+    """Join the process group torchrun set up (NCCL on CUDA, gloo on the CPU); one GPU per
+    process. Without torchrun (WORLD_SIZE unset or 1): a single process, nothing to join."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(), device
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size()), device
+
+
+def shard(items: range | list, d: Dist) -> range | list:
+    """This process's contiguous share of `items` (sizes differ by at most one)."""
+    n, r, w = len(items), d.rank, d.world
+    return items[r * n // w:(r + 1) * n // w]
+
+
+def _comm_device() -> torch.device:
+    """Where collectives run: NCCL moves CUDA tensors only, gloo CPU ones."""
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _gather(x: torch.Tensor, d: Dist) -> list[torch.Tensor]:
+    """Every process's x (rows may differ in number), in rank order; no gradient."""
+    import torch.distributed as dist
+
+    dev = _comm_device()
+    sizes = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(d.world)]
+    dist.all_gather(sizes, torch.tensor([len(x)], device=dev))
+    most = int(max(sizes))
+    padded = torch.cat([x.detach().to(dev), x.new_zeros(most - len(x), *x.shape[1:], device=dev)])
+    parts = [torch.empty_like(padded) for _ in range(d.world)]
+    dist.all_gather(parts, padded.contiguous())
+    return [part[: int(n)].to(x.device) for part, n in zip(parts, sizes)]
+
+
+def gather_rows(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Every process's rows (shards of different lengths), concatenated in rank order."""
+    return x if d.world == 1 else torch.cat(_gather(x, d))
+
+
+def gather_with_grad(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """gather_rows, with this process's own rows still attached to its graph: the global
+    contrastive loss then sends each process the gradient of its own rows."""
+    if d.world == 1:
+        return x
+    parts = _gather(x, d)
+    parts[d.rank] = x
+    return torch.cat(parts)
+
+
+def all_reduce_ints(values: list[int], d: Dist, op: str = "sum") -> list[int]:
+    """Sum (or max) of each value over the processes (the values themselves with one process)."""
+    if d.world == 1:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.long, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def average_gradients(params: list[torch.Tensor], d: Dist) -> None:
+    """All processes end the step with the mean of their gradients (one flat all-reduce)."""
+    if d.world == 1:
+        return
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads]).to(_comm_device())
+    dist.all_reduce(flat)
+    flat /= d.world
+    for p, part in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = part.view_as(p).to(p.device, copy=True)
+
+
+def broadcast_(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Process 0's tensor, in place on every process (computed once, the same everywhere)."""
+    if d.world > 1:
+        import torch.distributed as dist
+
+        y = x.to(_comm_device())
+        dist.broadcast(y, 0)
+        x.copy_(y)
+    return x
+
+
+# ---------------------------------------------------------------------------------------
+# Mixed precision (--precision): the frozen encoders in bf16 / fp16, prompts and losses in fp32
+# ---------------------------------------------------------------------------------------
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_precision(device: torch.device) -> str:
+    """--precision auto: bf16 on a CUDA device that supports it, fp32 elsewhere (CPU bf16
+    matmuls are slower than fp32 on most CPUs)."""
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def autocast(device: torch.device, precision: str = "fp32"):
+    """Mixed precision for the frozen encoders' matmuls. The learned prompts stay fp32
+    (master weights: the optimiser never sees a half-precision copy) and every loss casts
+    its inputs to fp32 before the softmax."""
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+# ---------------------------------------------------------------------------------------
+# Files: atomic writes, checkpoints read with weights_only=True, one run per output folder
+# ---------------------------------------------------------------------------------------
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file and rename: an interrupted run never leaves a half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_json(path: Path, obj) -> None:
+    _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2)))
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = sorted((out / "checkpoints").glob("task_*.pt"))
+    return found[-1] if found else None
+
+
+CHECKPOINT_KEYS = {"config", "done", "learned", "router", "centroids_img", "centroids_txt", "results"}
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A run's checkpoint, read with weights_only=True: tensors and plain containers only
+    (configs and results are dicts of numbers and strings), so a checkpoint someone hands
+    you cannot run code on your machine. Anything else is refused with one message."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LPIError(f"{path} was refused: it holds objects other than tensors and plain data, which could run "
+                       f"code when unpickled (checkpoints are read with weights_only=True). Detail: {first}") from None
+    except Exception as e:  # noqa: BLE001 - truncated or not a torch file: one clear message
+        raise LPIError(f"{path} is not a readable checkpoint ({type(e).__name__}): corrupt or truncated? "
+                       f"Delete it to redo that task with --resume, or choose another --out") from None
+    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= set(ckpt):
+        raise LPIError(f"{path} is not a checkpoint of lpi.py (expected a dict with {', '.join(sorted(CHECKPOINT_KEYS))})")
+    return ckpt
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(out: Path):
+    """One run per output folder: <out>/.lock holds "pid host" while a run writes there and
+    is removed on exit. A lock left by a killed run (its process gone) is stale and taken
+    over; a lock of a live process, or of another host, is refused with a message."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LPIError(f"--out {out} cannot be created: {e.strerror or e}") from None
+    lock, me = out / ".lock", f"{os.getpid()} {socket.gethostname()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            pid, _, host = lock.read_text().partition(" ")
+            if host.strip() != socket.gethostname() or not pid.isdigit() or _pid_alive(int(pid)):
+                raise LPIError(f"{out} is in use by another run (process {pid} on {host.strip() or '?'}; lock file "
+                               f"{lock}). Wait for it, or delete the lock file if no such run is alive") from None
+            print(f"note: removing the stale lock of a run that is gone (process {pid})")
+            lock.unlink(missing_ok=True)
+        except OSError as e:
+            raise LPIError(f"--out {out} is not writable: {e.strerror or e}") from None
+    else:
+        raise LPIError(f"{out}: could not take the lock {lock}")
+    os.write(fd, me.encode())
+    os.close(fd)
+    for tmp in list(out.glob(".*.tmp*")) + list((out / "checkpoints").glob(".*.tmp*")):
+        tmp.unlink(missing_ok=True)  # half-written files of an interrupted run (never read)
+    try:
+        yield
+    finally:
+        if lock.is_file() and lock.read_text() == me:
+            lock.unlink()
 
 
 # ========================================================================================
