@@ -2220,7 +2220,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="LPI (Low-rank Prompt Interaction) for continual image-text retrieval. With no "
                     "arguments: the whole method on the built-in tasks with a tiny CLIP, on the CPU.")
     data_arguments(p.add_argument_group("data and backbone"))
-    method_arguments(p.add_argument_group("method (METHOD.md §1-5); each component has one switch"))
+    method_arguments(p.add_argument_group("method (METHOD.md §1-6); each component has one switch"))
     run_arguments(p.add_argument_group("training and run"))
     return p
 
