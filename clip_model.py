@@ -215,10 +215,13 @@ class Transformer(nn.Module):
     """A stack of residual blocks with the deep-prompt slot.
 
     Prompts P of shape (B, J, M, D): the encoder has already placed P[:, 0] at positions
-    start..start+M-1 of its input; before block j (1 <= j < J) the hidden states at those
-    positions are *replaced* by P[:, j] (VPT-deep / MaPLe), so every prompted layer sees
-    fresh learned tokens instead of what the previous block made of the last ones.
+    start..start+M-1 of its input; before block j (1 <= j < J) the hidden states h at those
+    positions become, by `deep`:
+      "replace": P[:, j] (VPT-deep / MaPLe): every prompted layer sees fresh learned tokens;
+      "add":     h + P[:, j]: the prompt tokens keep what the previous blocks made of them,
+                 and P[:, j] steers that (a residual update, as the block's own output is).
     """
+    DEEP_MODES = ("replace", "add")
 
     def __init__(self, width: int, layers: int, heads: int):
         super().__init__()
@@ -226,12 +229,17 @@ class Transformer(nn.Module):
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
 
     def forward(self, x: torch.Tensor, causal: bool = False, prompts: torch.Tensor | None = None,
-                start: int = 1) -> torch.Tensor:
+                start: int = 1, deep: str = "replace") -> torch.Tensor:
+        if deep not in self.DEEP_MODES:
+            raise ValueError(f"deep must be one of {self.DEEP_MODES}, not {deep!r}")
         for j, block in enumerate(self.resblocks):
             if prompts is not None and 1 <= j < prompts.shape[1]:
                 M = prompts.shape[2]
+                P_j = prompts[:, j].to(x.dtype)                               # (B, M, D)
+                if deep == "add":
+                    P_j = x[:, start:start + M] + P_j
                 # torch.cat (not an in-place write) keeps the graph for the prompts' gradient
-                x = torch.cat([x[:, :start], prompts[:, j].to(x.dtype), x[:, start + M:]], dim=1)
+                x = torch.cat([x[:, :start], P_j, x[:, start + M:]], dim=1)
             x = block(x, causal)
         return x
 
@@ -274,7 +282,7 @@ class VisionTransformer(nn.Module):
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
-    def forward(self, images: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, prompts: torch.Tensor | None = None, deep: str = "replace") -> torch.Tensor:
         x = self.conv1(images.to(self.conv1.weight.dtype))       # (B, D, g, g)
         B, D = x.shape[:2]
         x = x.flatten(2).transpose(1, 2)                          # (B, g*g, D)
@@ -286,7 +294,7 @@ class VisionTransformer(nn.Module):
             # not image locations. They pass through ln_pre like the patch tokens.
             x = torch.cat([x[:, :1], P[:, 0].to(x.dtype), x[:, 1:]], dim=1)  # (B, 1+M+g*g, D)
         x = self.ln_pre(x)
-        x = self.transformer(x, causal=False, prompts=P, start=1)
+        x = self.transformer(x, causal=False, prompts=P, start=1, deep=deep)
         return self.ln_post(x[:, 0]) @ self.proj                  # (B, embed_dim)
 
 
@@ -329,17 +337,21 @@ class CLIP(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.visual.conv1.weight.dtype
 
-    def encode_image(self, images: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_image(self, images: torch.Tensor, prompts: torch.Tensor | None = None,
+                     deep: str = "replace") -> torch.Tensor:
         """images (B, 3, H, W), normalised with CLIP_MEAN / CLIP_STD -> features (B, embed_dim).
-        prompts: (J, M, D_v) shared or (B, J, M, D_v) per sample; None = plain CLIP."""
-        return self.visual(images, prompts)
+        prompts: (J, M, D_v) shared or (B, J, M, D_v) per sample; None = plain CLIP.
+        deep: how P[j >= 1] meets the hidden states, "replace" or "add" (see Transformer)."""
+        return self.visual(images, prompts, deep)
 
-    def encode_text(self, tokens: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_text(self, tokens: torch.Tensor, prompts: torch.Tensor | None = None,
+                    deep: str = "replace") -> torch.Tensor:
         """tokens (B, L) from tokenize() -> features (B, embed_dim), read at EOT.
 
         prompts: (J, M, D_t) shared or (B, J, M, D_t) per sample, for tokens made with
         tokenize(..., prompt_length=M): P[:, 0] replaces the M placeholder embeddings after
-        SOT (they then get positional embeddings like any word, as in CoOp)."""
+        SOT (they then get positional embeddings like any word, as in CoOp). deep: as in
+        encode_image."""
         B = tokens.shape[0]
         eot = tokens.argmax(dim=-1)  # EOT has the highest id in the vocabulary
         # Causal attention: nothing after the longest EOT can reach any EOT, so dropping the
@@ -351,7 +363,7 @@ class CLIP(nn.Module):
             M = P.shape[2]
             x = torch.cat([x[:, :1], P[:, 0].to(x.dtype), x[:, 1 + M:]], dim=1)
         x = x + self.positional_embedding[:L].to(x.dtype)
-        x = self.transformer(x, causal=True, prompts=P, start=1)
+        x = self.transformer(x, causal=True, prompts=P, start=1, deep=deep)
         x = self.ln_final(x)
         return x[torch.arange(B, device=x.device), eot] @ self.text_projection  # (B, embed_dim)
 
