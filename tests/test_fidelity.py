@@ -137,7 +137,8 @@ def test_alpha_zero_keeps_the_modules_and_mixes_nothing():
         assert torch.equal(before[0], after[0])  # layer 0 never mixes
         assert (not torch.allclose(before, after)) == reaches, alpha
         if alpha == 0:
-            torch.testing.assert_close(after[1:], F.layer_norm(tp.raw()[0][1:], (8,)))
+            gain = lpi.prompt_init_std(lpi.LPIConfig(J=3, M=2, R=2))  # the LayerNorm's gain at init
+            torch.testing.assert_close(after[1:], gain * F.layer_norm(tp.raw()[0][1:], (8,)))
 
 
 # ----------------------------------------------------------------------------------------

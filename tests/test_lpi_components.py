@@ -46,7 +46,7 @@ def tiny_clip():
 
 
 def _small_cfg(**kw):
-    base = dict(J=3, M=4, R=2, interaction_rank=2)
+    base = dict(J=3, M=4, R=2, interaction_rank=2, hier_factor=True)  # every component on
     base.update(kw)
     return LPIConfig(**base)
 
@@ -676,10 +676,11 @@ def test_switches_remove_loss_terms_and_total_arithmetic(tiny_clip):
     full = losses()
     assert set(full) == {"clip", "prompt", "factor", "task", "total"}
     assert all(float(full[k]) > 0 for k in ("prompt", "factor", "task"))
-    expect = full["clip"] + base.lambda_h * (full["prompt"] + full["factor"]) + base.lambda_task * full["task"]
+    lam_h = base.lambda_h * base.tau_h  # the hierarchical terms enter weighted by λ_h·τ_h (hier_tau_scaled)
+    expect = full["clip"] + lam_h * (full["prompt"] + full["factor"]) + base.lambda_task * full["task"]
     torch.testing.assert_close(full["total"], expect)
 
-    terms = {"hier_prompt": ("prompt", base.lambda_h), "hier_factor": ("factor", base.lambda_h),
+    terms = {"hier_prompt": ("prompt", lam_h), "hier_factor": ("factor", lam_h),
              "task_loss": ("task", base.lambda_task)}
     for switch, (key, lam) in terms.items():
         out = losses(**{switch: False})
@@ -694,7 +695,11 @@ def test_switches_remove_loss_terms_and_total_arithmetic(tiny_clip):
     assert set(none) == {"clip", "total"} and torch.equal(none["total"], none["clip"])
     # λ's scale their terms
     out = losses(lambda_h=0.3, lambda_task=0.7)
-    torch.testing.assert_close(out["total"], full["clip"] + 0.3 * (full["prompt"] + full["factor"]) + 0.7 * full["task"])
+    torch.testing.assert_close(out["total"], full["clip"] + 0.3 * base.tau_h * (full["prompt"] + full["factor"])
+                               + 0.7 * full["task"])
+    out = losses(hier_tau_scaled=False)  # the authors' weighting: λ_h alone
+    torch.testing.assert_close(out["total"], full["clip"] + base.lambda_h * (full["prompt"] + full["factor"])
+                               + base.lambda_task * full["task"])
     # the task term is absent at the first task and without a similarity matrix
     model.cfg = base
     with torch.no_grad():

@@ -153,11 +153,13 @@ def test_l2p_model_per_image_prompts(tiny_clip):
         feats = model.encode_image(images, torch.tensor([0, 1, 0, 1]))
         assert torch.allclose(feats, model.encode_image(images, 0), atol=1e-5)
         _, idx = model.pool.select(tiny_clip.encode_image(images))
-        one_by_one = torch.cat([tiny_clip.encode_image(images[b:b + 1], model.pool(idx[b:b + 1])) for b in range(4)])
+        one_by_one = torch.cat([tiny_clip.encode_image(images[b:b + 1], model.pool(idx[b:b + 1]), cfg.deep_prompts)
+                                for b in range(4)])
         assert torch.allclose(feats, one_by_one, atol=1e-4)
         assert torch.equal(model.encode_image(images, None), tiny_clip.encode_image(images))
         tokens = model.tokenize(["a red circle", "a blue square"])
-        assert torch.allclose(model.encode_text(tokens, 1), tiny_clip.encode_text(tokens, model.P_t), atol=1e-6)
+        assert torch.allclose(model.encode_text(tokens, 1), tiny_clip.encode_text(tokens, model.P_t, cfg.deep_prompts),
+                              atol=1e-6)
     out = model.losses(images, model.tokenize(["a"] * 4), 0, None)
     assert set(out) == {"clip", "key", "total"}
     out["total"].backward()
