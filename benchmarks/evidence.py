@@ -38,12 +38,39 @@ METRICS = ("i2t_R@1", "t2i_R@1", "mean_recall", "i2t_forgetting_R@1", "t2i_forge
 ROUTED = ("lpi", "sprompts")  # the methods whose routing accuracy means something
 
 
+TUNING = ROOT / "benchmarks" / "results" / "tuning.json"
+# LPI before the fixes of METHOD.md §1-4: the authors' SGD at lr 0.05, deep prompts replacing
+# the hidden state, the hierarchical terms weighted by λ_h, the interaction's LayerNorm starting
+# at gain 1, and our factor-level loss on.
+BEFORE = ["--optimizer", "sgd", "--lr", "0.05", "--deep-prompts", "replace", "--hier-unscaled",
+          "--interaction-gain", "1", "--hier-factor"]
+
+
+def tuned_flags(label: str) -> list[str]:
+    """An ablation's optimiser and lr as the tuning protocol chose them (benchmarks/tune.py);
+    the methods take theirs from lpi.TUNED, their defaults. Ablations the protocol did not
+    tune (the task loss and the routing do not act on one task) keep LPI's."""
+    if not TUNING.is_file():
+        return []
+    chosen = json.loads(TUNING.read_text())["chosen"].get(label)
+    return [] if chosen is None else ["--optimizer", chosen["optimizer"], "--lr", str(chosen["chosen_lr"])]
+
+
 def table_rows(depth: int, quick: bool) -> list[tuple[str, str, list[str]]]:
     """(group, label, lpi.py flags) for every row of the table."""
     rows = [("method", m, ["--method", m]) for m in ("zeroshot", "seqft", "sprompts", "l2p", "joint", "lpi")]
-    rows += [("LPI ablation", flag.lstrip("-").replace("alpha ", "alpha="), ["--method", "lpi", *flag.split()])
-             for flag in ("--full-rank", "--no-interaction", "--no-hier-prompt", "--no-hier-factor", "--no-task-loss",
-                          "--routing oracle", "--alpha 0")]
+    labels = {flag: flag.lstrip("-").replace(" ", "=") for flag in (
+        "--full-rank", "--no-interaction", "--no-hier-prompt", "--hier-factor", "--no-task-loss",
+        "--routing oracle", "--alpha 0")}
+    labels["--routing oracle"] = "routing oracle"
+    rows += [("LPI ablation", label, ["--method", "lpi", *flag.split(), *tuned_flags(label)])
+             for flag, label in labels.items()]
+    # our departures from the authors' code, one at a time, and LPI as it was before them
+    ours = {flag: flag.lstrip("-").replace(" ", "=") for flag in (
+        "--deep-prompts replace", "--hier-unscaled", "--interaction-gain 1")}
+    rows += [("LPI departure", label, ["--method", "lpi", *flag.split(), *tuned_flags(label)])
+             for flag, label in ours.items()]
+    rows += [("LPI departure", "before the fixes", ["--method", "lpi", *BEFORE])]
     rows += [("LPI rank", f"R={r}", ["--method", "lpi", "-R", str(r)]) for r in (1, 2, 4, 8, 16)]
     rows += [("LPI depth", f"J={j}", ["--method", "lpi", "-J", str(j)]) for j in (1, 2, 4)]
     rows += [("LPI depth", f"J=all ({depth})", ["--method", "lpi", "-J", str(depth)])]
@@ -55,10 +82,9 @@ def table_rows(depth: int, quick: bool) -> list[tuple[str, str, list[str]]]:
 def resolved_settings(lpi, flags: list[str]) -> str:
     """Everything a run's results depend on, with the tiny-scale defaults filled in: rows
     with equal settings are the same experiment."""
-    args = vars(lpi.build_parser().parse_args(flags))
-    for k, v in lpi.TINY_DEFAULTS.items():
-        if args[k] is None:
-            args[k] = v
+    ns = lpi.build_parser().parse_args(flags)
+    lpi.fill_defaults(ns, tiny=True)
+    args = vars(ns)
     for k in ("out", "seed", "progress", "resume", "workers", "device", "cache_dir"):
         args.pop(k, None)
     return json.dumps(args, sort_keys=True)
@@ -67,7 +93,8 @@ def resolved_settings(lpi, flags: list[str]) -> str:
 def run_metrics(res: dict) -> dict:
     s, r = res["summary"], res["routing_accuracy"][-1]
     out = {k: s[k] for k in METRICS[:5]}
-    out.update(routing_image=r["image"], routing_text=r["text"], wall_time_s=res["wall_time_s"])
+    out.update(routing_image=r["image"], routing_text=r["text"], wall_time_s=res["wall_time_s"],
+               optimizer=res["config"]["optimizer"], lr=res["config"]["lr"])
     return out
 
 
@@ -293,8 +320,9 @@ def markdown(out_rows: list, size: dict, seeds: list, a, n_jobs: int, minutes: f
              f"{size['max_test_per_task']} test images per task, "
              f"{size.get('epochs', lpi.TINY_DEFAULTS['epochs'])} epoch(s) per task, "
              f"batch {size.get('batch_size', lpi.TINY_DEFAULTS['batch_size'])}, other settings lpi.py's defaults "
-             f"(J={lpi.TINY_DEFAULTS['J']}, M={lpi.TINY_DEFAULTS['M']}, R={lpi.LPIConfig.R}, "
-             f"lr {lpi.TINY_DEFAULTS['lr']}). "
+             f"(J={lpi.TINY_DEFAULTS['J']}, M={lpi.TINY_DEFAULTS['M']}, R={lpi.LPIConfig.R}); each method's and each "
+             f"ablation's optimiser and lr as the tuning protocol chose them (benchmarks/tune.py, "
+             f"benchmarks/results/tuning.md; the rank and depth sweeps take LPI's). "
              f"Mean ± std over seeds {seeds} (training order, subsampling and initialisation; the data and the "
              f"backbone are fixed). Made by `python benchmarks/evidence.py{' --quick' if a.quick else ''}` on "
              f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), {n_jobs} parallel run(s) of "
@@ -303,9 +331,9 @@ def markdown(out_rows: list, size: dict, seeds: list, a, n_jobs: int, minutes: f
              "tasks 1..T-1. Routing: accuracy of the k-means task routing (mean of images and captions) after "
              "the last task, only for the methods that route. Params: trainable per task (L2P: its whole pool, "
              "trained at every task). Wall time: the continual loop's, per run.", "",
-             "| group | row | i2t R@1 | t2i R@1 | mean recall | forgetting i2t | forgetting t2i | routing | "
-             "params / task | wall time (s) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| group | row | optimiser, lr | i2t R@1 | t2i R@1 | mean recall | forgetting i2t | forgetting t2i | "
+             "routing | params / task | wall time (s) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in out_rows:
         routing = "—"
         if r["routed"]:
@@ -313,7 +341,8 @@ def markdown(out_rows: list, size: dict, seeds: list, a, n_jobs: int, minutes: f
         label = r["label"] + (f" (= {r['same_runs_as']})" if r["same_runs_as"] else "")
         cells = [cell(r["mean"][m], r["std"][m]) for m in METRICS[:5]]
         cells += [routing, f"{r['trainable_params']['total']:,}", cell(r["mean"]["wall_time_s"], r["std"]["wall_time_s"])]
-        lines.append(f"| {r['group']} | {label} | " + " | ".join(cells) + " |")
+        opt = "—" if r["method"] == "zeroshot" else f"{r['runs'][0]['optimizer']} {r['runs'][0]['lr']:g}"
+        lines.append(f"| {r['group']} | {label} | {opt} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

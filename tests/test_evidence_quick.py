@@ -42,8 +42,9 @@ def test_evidence_rows_cover_the_issue():
     rows = evidence.table_rows(depth=4, quick=False)
     labels = [label for _, label, _ in rows]
     assert {"zeroshot", "seqft", "sprompts", "l2p", "joint", "lpi"} <= set(labels)
-    assert {"full-rank", "no-interaction", "no-hier-prompt", "no-hier-factor", "no-task-loss",
+    assert {"full-rank", "no-interaction", "no-hier-prompt", "hier-factor", "no-task-loss",
             "routing oracle", "alpha=0"} <= set(labels)
+    assert {"deep-prompts=replace", "hier-unscaled", "interaction-gain=1", "before the fixes"} <= set(labels)
     assert [l for l in labels if l.startswith("R=")] == ["R=1", "R=2", "R=4", "R=8", "R=16"]
     assert [l for l in labels if l.startswith("J=")] == ["J=1", "J=2", "J=4", "J=all (4)"]
     for _, _, flags in rows:  # every row is a valid lpi.py command line
