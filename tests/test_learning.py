@@ -24,18 +24,12 @@ from lpi import LPI, LPIConfig, LowRankPrompts  # noqa: E402
 CAPTIONS = ["a cat on a mat", "a red car", "two dogs playing", "a bowl of soup"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
-def tiny_clip():
-    torch.manual_seed(0)
-    return clip_model.CLIP(clip_model.TINY).eval()
+def tiny_clip(random_tiny_clip):
+    return random_tiny_clip
 
 
 def _batch(clip, M=4):

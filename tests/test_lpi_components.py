@@ -30,19 +30,12 @@ CAPTIONS = ["a cat on a mat", "a red car", "two dogs playing in the park", "a bo
             "a man riding a horse", "x"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and stall on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
-def tiny_clip():
-    torch.manual_seed(0)
-    return clip_model.CLIP(clip_model.TINY).eval()
+def tiny_clip(random_tiny_clip):
+    return random_tiny_clip
 
 
 def _small_cfg(**kw):
