@@ -316,6 +316,7 @@ def markdown(out_rows: list, size: dict, seeds: list, a, n_jobs: int, minutes: f
     import torch
 
     tasks = size.get("tasks", ",".join(lpi.BUILTIN_TASKS))
+    own = [r for r in out_rows if not r["same_runs_as"]]
     lines = ["# Evidence: methods, ablations and sweeps on the built-in tasks", "",
              f"Tiny CLIP ({size['pretrain_steps']} pre-training steps), built-in tasks {tasks} "
              f"({len(tasks.split(','))} tasks), {size['max_train_per_task']} training / "
@@ -328,7 +329,9 @@ def markdown(out_rows: list, size: dict, seeds: list, a, n_jobs: int, minutes: f
              f"Mean ± std over seeds {seeds} (training order, subsampling and initialisation; the data and the "
              f"backbone are fixed). Made by `python benchmarks/evidence.py{' --quick' if a.quick else ''}` on "
              f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), {n_jobs} parallel run(s) of "
-             f"{torch.get_num_threads()} torch thread(s), in {minutes:.1f} min.", "",
+             f"{torch.get_num_threads()} torch thread(s), in {minutes:.1f} min (runs finished earlier with the same "
+             f"settings are reused; the continual loops of all {sum(len(r['runs']) for r in own)} runs took "
+             f"{sum(x['wall_time_s'] for r in own for x in r['runs']) / 60:.0f} min in all).", "",
              "R@1: final average over tasks, pool = all tasks' test items. Forgetting: of R@1, averaged over "
              "tasks 1..T-1. Routing: accuracy of the k-means task routing (mean of images and captions) after "
              "the last task, only for the methods that route. Params: trainable per task (L2P: its whole pool, "
