@@ -231,7 +231,8 @@ def test_tuning_script_runs_end_to_end_and_writes_its_grid(tmp_path):
 
     assert tune.main(["--quick", "--jobs", "1", "--out-dir", str(tmp_path), "--work-dir", str(tmp_path / "w")]) == 0
     out = json.loads((tmp_path / "tuning.json").read_text())
-    assert set(out["chosen"]) == {"lpi", "sprompts"}
+    assert set(out["chosen"]) == {"lpi", "sprompts", "seqft", "joint"}
+    assert out["chosen"]["seqft"] == out["chosen"]["joint"] == out["chosen"]["lpi"]  # they share LPI's runs
     for name, points in out["scores"].items():
         assert len(points) == 2 and all(0 <= p["mean_recall"] <= 100 for p in points)
         best = max(points, key=lambda p: p["mean_recall"])
