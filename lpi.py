@@ -622,7 +622,7 @@ class L2P(nn.Module):
                            f"(--length, got {cfg.M})")
         if not 1 <= self.l2p.top_k <= self.l2p.pool_size:
             raise LPIError(f"L2P: top-k {self.l2p.top_k} must be in 1..{self.l2p.pool_size} (the pool size)")
-        std = cfg.factor_std ** 3 / math.sqrt(cfg.R)  # the scale of FullRankPrompts
+        std = prompt_init_std(cfg)  # the scale of FullRankPrompts
         self.M_p = max(1, cfg.M // self.l2p.top_k)
         self.pool = PromptPool(self.l2p.pool_size, self.l2p.top_k, cfg.J, self.M_p, self.D_v,
                                clip.cfg.embed_dim, std)
@@ -1136,13 +1136,10 @@ def epoch_batches(data: ImageCaptionSet, run: "RunSettings", g: torch.Generator,
 
 
 # ---------------------------------------------------------------------------------------
-# The optimiser of the per-task parameters (METHOD.md §7, "How the factors learn") [ours].
-# Every prompt token reaches the encoders through a LayerNorm, so the loss hardly depends
-# on a factor's scale; then its gradient shrinks as 1/|w| and SGD's useful (angular) step
-# as lr/|w|^2. The CP factors (N(0, 0.5^2), a product of three, 1/R) take steps about 64x
-# smaller than a full-rank prompt's at the same lr. Adam divides each coordinate's gradient
-# by its own running size, so that factor of 1/|w| is gone. --optimizer sgd is the
-# authors' recipe (momentum 0.9); both are in the tuning protocol (benchmarks/tune.py).
+# The optimiser of the per-task parameters [ours]: Adam, because SGD's useful step on the
+# LayerNorm-scale-free CP factors shrinks as lr/|w|^2 (METHOD.md §2, "How the factors
+# learn"). --optimizer sgd is the authors' recipe (momentum 0.9); both are in the tuning
+# protocol (benchmarks/tune.py).
 # ---------------------------------------------------------------------------------------
 OPTIMIZERS = ("sgd", "adam")
 
