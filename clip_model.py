@@ -375,6 +375,22 @@ class CLIP(nn.Module):
         return logits, logits.t()
 
 
+class FrozenCLIP(nn.Module):
+    """What every prompt method shares (LPI and its baselines): a CLIP that takes no gradient
+    and stays in eval mode whatever mode the method is put in, and its sizes."""
+
+    def __init__(self, clip: CLIP):
+        super().__init__()
+        self.clip = clip.requires_grad_(False).eval()
+        self.D_v, self.D_t = clip.visual.transformer.width, clip.transformer.width
+        self.depth = min(clip.visual.transformer.layers, clip.transformer.layers)  # most layers J may prompt
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.clip.eval()
+        return self
+
+
 def symmetric_info_nce(logits: torch.Tensor) -> torch.Tensor:
     """Row i's positive is column i, in both directions: (CE(logits) + CE(logits^T)) / 2."""
     logits = logits.float()  # the softmax of a bf16/fp16 logit matrix loses the small terms
