@@ -3,16 +3,19 @@ the exit code, and a check that nothing written earlier (data, an earlier run) w
 
 Errors exit with code 2 and one `error: ...` line, never a traceback. Images that can be
 decoded are used (converted to RGB); only undecodable ones are skipped and counted.
-Captions of any content or length are used (truncated to the context).
+Captions of any content or length are used (truncated to the context). The cases run
+lpi.main in this process; test_bad_input_in_a_fresh_interpreter runs one as a user does.
+This file is the one home of bad-input tests.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,6 +26,8 @@ from PIL import Image
 
 import lpi
 from fixtures import make_coco_fixture, make_flickr_fixture
+
+ROOT = Path(__file__).resolve().parents[1]
 
 QUICK = ["--epochs", "1", "--batch-size", "4", "--no-progress", "--workers", "0"]
 BUILTIN = ["--tasks", "sea-animals", "--max-train-per-task", "16", "--max-test-per-task", "8", *QUICK]
@@ -142,6 +147,8 @@ CASES = [
     Case("alpha above one", lambda t: [*BUILTIN, "--out", str(t / "out"), "--alpha", "1.5"], ("--alpha", "[0, 1]")),
     Case("theta out of range", lambda t: [*BUILTIN, "--out", str(t / "out"), "--theta", "3"], ("--theta",)),
     Case("zero temperature", lambda t: [*BUILTIN, "--out", str(t / "out"), "--tau-h", "0"], ("--tau-h", "> 0")),
+    Case("rank zero", lambda t: [*BUILTIN, "--out", str(t / "out"), "--rank", "0"], ("--rank", ">= 1")),
+    Case("negative learning rate", lambda t: [*BUILTIN, "--out", str(t / "out"), "--lr", "-1"], ("--lr", "> 0")),
     Case("unknown method", lambda t: [*BUILTIN, "--out", str(t / "out"), "--method", "magic"], ("invalid choice", "magic")),
     Case("learning rate not a number", lambda t: [*BUILTIN, "--out", str(t / "out"), "--lr", "fast"], ("--lr", "fast")),
     Case("device not on this machine", lambda t: [*BUILTIN, "--out", str(t / "out"), "--device", unavailable_device()],
@@ -180,6 +187,8 @@ CASES = [
     Case("resume with other settings", lambda t: resume_args(t, "--alpha", "0.3"), ("other settings", "alpha")),
     Case("backbone file not a CLIP", lambda t: [*BUILTIN, "--clip", str(a_file(t, "clip.pt")), "--out", str(t / "out")],
          ("clip.pt",)),
+    Case("unknown random architecture", lambda t: [*BUILTIN, "--clip", "random:ViT-X/3", "--out", str(t / "out")],
+         ("random:ViT-X/3", "ViT-B/16")),
     Case("backbone file missing", lambda t: [*BUILTIN, "--clip", str(t / "missing.pt"), "--out", str(t / "out")],
          ("missing.pt",)),
     # --- the output folder
@@ -205,14 +214,10 @@ FINISHED: Path  # a finished built-in run, made once (module fixture)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def backbone_and_finished_run(tmp_path_factory):
+def finished_run_once(tmp_path_factory):
     global FINISHED
-    clip = lpi.world.load_or_build_tiny_clip(tmp_path_factory.mktemp("cache"), progress=False)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lpi.world, "load_or_build_tiny_clip", lambda *a, **k: copy.deepcopy(clip))
-        FINISHED = tmp_path_factory.mktemp("finished") / "run"
-        assert lpi.main([*BUILTIN, "--out", str(FINISHED)]) == 0
-        yield
+    FINISHED = tmp_path_factory.mktemp("finished") / "run"
+    assert lpi.main([*BUILTIN, "--out", str(FINISHED)]) == 0
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -245,3 +250,45 @@ def test_bad_input(case, tmp_path, capsys):
         assert res["skipped_images"] == case.skipped
         for needle in case.needles:
             assert needle in out, (needle, out[-2000:])
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints never execute code
+# ----------------------------------------------------------------------------------------
+
+class _Payload:
+    """Unpickling this writes a file: the stand-in for any code a malicious file would run."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "the checkpoint ran code"))
+
+
+def test_crafted_checkpoint_is_refused_and_runs_no_code(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert lpi.main([*BUILTIN, "--out", str(out)]) == 0
+    ckpt = lpi.latest_checkpoint(out)
+    marker = tmp_path / "pwned"
+    state = lpi.read_checkpoint(ckpt)
+    state["results"]["note"] = _Payload(str(marker))
+    with open(ckpt, "wb") as f:
+        pickle.dump(state, f, protocol=2)      # a plain pickle: what torch.load would execute
+    torch.save(state, tmp_path / "zip.pt")     # and the same object inside torch's zip format
+    capsys.readouterr()
+    assert lpi.main([*BUILTIN, "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "refused" in err and str(ckpt) in err and "weights_only" in err, err
+    assert not marker.exists()
+    with pytest.raises(lpi.LPIError, match="refused"):
+        lpi.read_checkpoint(tmp_path / "zip.pt")
+    assert not marker.exists()
+
+
+def test_bad_input_in_a_fresh_interpreter(tmp_path):
+    """As a user meets it: `python lpi.py` in a new process, one error line, exit code 2."""
+    p = subprocess.run([sys.executable, str(ROOT / "lpi.py"), "--tasks", "sea-animals,mars", "--out", str(tmp_path / "o"),
+                        *QUICK], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and "'mars'" in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and not (tmp_path / "o").exists()

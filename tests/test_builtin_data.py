@@ -2,7 +2,6 @@
 the tiny CLIP, and that the world gives the method something to do (training helps,
 routing works)."""
 
-import json
 import os
 import sys
 import time
@@ -14,6 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import builtin_world as world  # noqa: E402
 import clip_model  # noqa: E402
+from data import builtin_task  # noqa: E402
 import lpi  # noqa: E402
 
 
@@ -93,7 +93,7 @@ def test_generation_is_fast():
     world.generic_mixture(100, seed=0)  # warm-up
     start = time.perf_counter()
     world.generic_mixture(2000, seed=0)
-    lpi.builtin_task("sea-animals")
+    builtin_task("sea-animals")
     assert time.perf_counter() - start < 5.0  # ~0.4 s on an idle 2-core machine
 
 
@@ -203,7 +203,7 @@ def test_frozen_tiny_clip_routes_related_tasks(tiny_clip):
     router = lpi.TaskRouter(seed=0)
     tests = []
     for name in names:
-        task = lpi.builtin_task(name, n_train=300, n_test=100)
+        task = builtin_task(name, n_train=300, n_test=100)
         router.add_task(*frozen_features(tiny_clip, task.train), k=5)
         tests.append(frozen_features(tiny_clip, task.test))
     for k, (img, txt) in enumerate(tests):
@@ -215,9 +215,7 @@ def test_prompts_learn_what_zero_shot_cannot(tmp_path):
     """One built-in task at reduced size, the true task given: LPI's prompts beat zero-shot
     CLIP's R@1 (mean of i2t and t2i) by a clear margin within seconds of CPU."""
     out = tmp_path / "run"
-    assert lpi.main(["--tasks", "sea-animals", "--routing", "oracle", "--max-train-per-task", "400",
-                     "--max-test-per-task", "100", "--epochs", "8", "--out", str(out), "--no-progress",
-                     "--workers", "0"]) == 0
-    res = json.loads((out / "results.json").read_text())
+    res = lpi.run(lpi.RunConfig(tasks="sea-animals", max_train_per_task=400, max_test_per_task=100, epochs=8,
+                                out=str(out), progress=False, workers=0), lpi.LPIConfig(routing="oracle"))
     r1 = lambda s: (s["i2t_R@1"] + s["t2i_R@1"]) / 2  # noqa: E731
     assert r1(res["summary"]) >= r1(res["zeroshot"]["summary"]) + 10, (res["summary"], res["zeroshot"]["summary"])

@@ -14,7 +14,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from lpi import (COCO_TASK_ORDER, ImageCaptionSet, ImageFileDataset, LPIError, Task, coco_supercategory_tasks,
+from data import (COCO_TASK_ORDER, ImageCaptionSet, ImageFileDataset, LPIError, Task, coco_supercategory_tasks,
                      coco_task, flickr_task, image_batches, load_karpathy, number_supercategories,
                      parse_task_specs, split_coco_by_supercategory, subsample)  # noqa: E402
 

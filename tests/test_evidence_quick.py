@@ -1,11 +1,15 @@
-"""benchmarks/evidence.py --quick runs end to end and writes its table and the JSON behind it."""
+"""benchmarks/evidence.py: its rows cover every method, ablation and sweep, rows with equal
+settings share their runs (and only those), and the table is the runs' own numbers."""
 import importlib.util
 import json
+import statistics
+import sys
 from pathlib import Path
 
 import lpi
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def load_script(name: str):
@@ -15,20 +19,25 @@ def load_script(name: str):
     return mod
 
 
-def test_evidence_quick(tmp_path):
+def test_evidence_quick_table_is_the_runs_numbers(tmp_path):
     evidence = load_script("evidence")  # with lpi.py's default (shipped) tiny CLIP: no pre-training
-    out = tmp_path / "out"
-    assert evidence.main(["--quick", "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(out),
-                          "--work-dir", str(tmp_path / "work")]) == 0
-    md, res = (out / "evidence.md").read_text(), json.loads((out / "evidence.json").read_text())
+    out, work = tmp_path / "out", tmp_path / "work"
+    res = evidence.make_table(quick=True, cache_dir=str(tmp_path / "cache"), out_dir=str(out), work_dir=str(work))
+    assert res == json.loads((out / "evidence.json").read_text())
+    md = (out / "evidence.md").read_text()
     rows = {r["label"]: r for r in res["rows"]}
     assert set(rows) == {"zeroshot", "l2p", "lpi", "R=4"}
-    assert rows["R=4"]["same_runs_as"] == "lpi" and rows["R=4"]["mean"] == rows["lpi"]["mean"]
-    assert rows["lpi"]["routed"] and not rows["l2p"]["routed"]
+    # each row's mean is the mean of what its runs wrote to their results.json
+    finished = [json.loads(p.read_text()) for p in work.rglob("results.json")]
+    assert len(finished) == 3                                  # R=4 ran no run of its own
     for r in res["rows"]:
-        assert set(evidence.METRICS) <= set(r["mean"]) and set(evidence.METRICS) <= set(r["std"])
-        assert len(r["runs"]) == len(res["settings"]["seeds"]) == 1
+        method = r["settings"].get("method", "lpi")
+        mine = [f for f in finished if f["config"]["method"] == method]
+        assert len(mine) == 1, r["label"]
+        assert r["mean"]["mean_recall"] == statistics.fmean(f["summary"]["mean_recall"] for f in mine)
+        assert r["runs"][0]["i2t_R@1"] == mine[0]["summary"]["i2t_R@1"]
         assert f"| {r['group']} | {r['label']}" in md
+    assert rows["lpi"]["routed"] and not rows["l2p"]["routed"]
     # the real-scale parameter table, from the accounting function
     p = {r["method"]: r for r in res["parameters_vitb16"]}
     assert p["LPI"]["prompts"] == 5284 and p["S-Prompts (J=1)"]["after_tasks"] == 12 * 20480
@@ -36,7 +45,24 @@ def test_evidence_quick(tmp_path):
     assert "ViT-B/16 scale" in md and "| L2P |" in md
 
 
-def test_evidence_rows_cover_the_issue():
+def test_rows_share_runs_exactly_when_their_settings_resolve_alike():
+    """R=4 and J=4 are LPI's tiny-scale defaults: the same experiment as the lpi row. Every
+    other row is a distinct experiment, and each changes what its label says."""
+    evidence = load_script("evidence")
+    rows = evidence.table_rows(depth=4, quick=False)
+    fixed = dict(evidence.DEFAULT_SIZE, progress=False)
+    slug_of, distinct = evidence.distinct_settings(rows, fixed)
+    key = {label: evidence.resolved_settings({**fixed, **changes}) for _, label, changes in rows}
+    assert key["R=4"] == key["J=4"] == key["J=all (4)"] == key["lpi"]
+    assert len(distinct) == len(rows) - 3
+    base = json.loads(key["lpi"])
+    for label, want in (("full-rank", {"low_rank": False}), ("R=2", {"R": 2}), ("no-task-loss", {"task_loss": False}),
+                        ("deep-prompts=replace", {"deep_prompts": "replace"}), ("routing oracle", {"routing": "oracle"})):
+        differ = {k: v for k, v in json.loads(key[label]).items() if base[k] != v}
+        assert want.items() <= differ.items() and set(differ) <= set(want) | {"optimizer", "lr"}, (label, differ)
+
+
+def test_evidence_rows_cover_every_method_ablation_and_sweep():
     """Every method, every single-component ablation, R in {1,2,4,8,16}, J in {1,2,4,all}."""
     evidence = load_script("evidence")
     rows = evidence.table_rows(depth=4, quick=False)
@@ -47,5 +73,5 @@ def test_evidence_rows_cover_the_issue():
     assert {"deep-prompts=replace", "hier-unscaled", "interaction-gain=1", "before the fixes"} <= set(labels)
     assert [l for l in labels if l.startswith("R=")] == ["R=1", "R=2", "R=4", "R=8", "R=16"]
     assert [l for l in labels if l.startswith("J=")] == ["J=1", "J=2", "J=4", "J=all (4)"]
-    for _, _, flags in rows:  # every row is a valid lpi.py command line
-        lpi.build_parser().parse_args(flags)
+    for _, _, changes in rows:  # every row is a valid setting of lpi.py
+        lpi.check_switches(*lpi.configs(**changes))

@@ -1,7 +1,7 @@
-"""What the fidelity review asked of each component, as tests that the earlier code fails:
-task similarity from names with targets that split the pairs on any backbone (§5), the
-task loss averaged over modalities on a representation where every layer counts (§5), the
-α = 0 interaction ablation (§3), S-Prompts at J = 1, and the authors' recipe as switches:
+"""Each component as the paper and the authors' code describe it (METHOD.md): task similarity
+from names with targets that split the pairs on any backbone (§5), the task loss averaged over
+modalities on a representation where every layer counts (§5), the α = 0 interaction ablation
+(§3), S-Prompts at J = 1, and the authors' recipe as switches:
 --augment, --pairs, --route-metric (§6-7). The prompt-level loss (§4) is tested in
 test_lpi_components.py.
 """
@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data as data_module
 import lpi
 
 
@@ -137,7 +138,7 @@ def test_alpha_zero_keeps_the_modules_and_mixes_nothing():
         assert torch.equal(before[0], after[0])  # layer 0 never mixes
         assert (not torch.allclose(before, after)) == reaches, alpha
         if alpha == 0:
-            gain = lpi.prompt_init_std(lpi.LPIConfig(J=3, M=2, R=2))  # the LayerNorm's gain at init
+            gain = lpi.LPIConfig().interaction_gain  # the LayerNorm's gain at init
             torch.testing.assert_close(after[1:], gain * F.layer_norm(tp.raw()[0][1:], (8,)))
 
 
@@ -146,14 +147,12 @@ def test_alpha_zero_keeps_the_modules_and_mixes_nothing():
 # ----------------------------------------------------------------------------------------
 
 def test_sprompts_is_full_rank_at_layer_zero_only(tiny_clip):
-    """Baselines: --method sprompts has full-rank prompts with J = 1; --full-rank keeps LPI's depth."""
-    args = lpi.build_parser().parse_args(["--method", "sprompts", "-J", "4", "-M", "4"])
-    model = lpi.make_method(args, copy.deepcopy(tiny_clip))
+    """Baselines: --method sprompts has full-rank prompts with J = 1; --no-low-rank keeps LPI's depth."""
+    model = lpi.make_method("sprompts", lpi.LPIConfig(J=4, M=4), copy.deepcopy(tiny_clip))
     model.add_task()
     tp = model.task_prompts[0]
     assert isinstance(tp.prompts, lpi.FullRankPrompts) and tp.prompts.P_v.shape[0] == 1 and tp.interaction is None
-    args = lpi.build_parser().parse_args(["--full-rank", "-J", "4", "-M", "4"])
-    model = lpi.make_method(args, copy.deepcopy(tiny_clip))
+    model = lpi.make_method("lpi", lpi.LPIConfig(J=4, M=4, low_rank=False), copy.deepcopy(tiny_clip))
     model.add_task()
     assert model.task_prompts[0].prompts.P_v.shape[0] == 4
 
@@ -164,12 +163,12 @@ def test_sprompts_is_full_rank_at_layer_zero_only(tiny_clip):
 
 def test_pairs_per_caption_visits_every_caption_once():
     """--pairs per-caption: an epoch is every (image, caption) pair once; per-image: every image once."""
-    data = lpi.ImageCaptionSet(images=torch.zeros(4, 3, 2, 2, dtype=torch.uint8),
+    data = data_module.ImageCaptionSet(images=torch.zeros(4, 3, 2, 2, dtype=torch.uint8),
                                captions=[["a", "b"], ["c"], ["d", "e", "f"], ["g"]])
     g = torch.Generator().manual_seed(0)
-    imgs, caps = lpi.training_pairs(data, True, g)
+    imgs, caps = data_module.training_pairs(data, True, g)
     assert sorted(zip(imgs, caps)) == [(0, 0), (0, 1), (1, 0), (2, 0), (2, 1), (2, 2), (3, 0)]
-    imgs, caps = lpi.training_pairs(data, False, g)
+    imgs, caps = data_module.training_pairs(data, False, g)
     assert sorted(imgs) == [0, 1, 2, 3] and all(c < len(data.captions[i]) for i, c in zip(imgs, caps))
 
 
@@ -177,11 +176,11 @@ def test_augment_crops_and_flips_each_image_on_its_own():
     """--augment: tensor images get their own random crop and flip, at the same size."""
     torch.manual_seed(0)
     x = torch.randn(16, 3, 32, 32)
-    y = lpi.augment_tensors(x)
+    y = data_module.augment_tensors(x)
     assert y.shape == x.shape and torch.isfinite(y).all()
     changed = [(not torch.allclose(a, b)) for a, b in zip(x, y)]
     assert all(changed)
-    flip = lpi.train_transform(32).transforms
+    flip = data_module.train_transform(32).transforms
     assert [type(t).__name__ for t in flip][:2] == ["RandomResizedCrop", "RandomHorizontalFlip"]
 
 
@@ -215,14 +214,12 @@ def test_help_shows_the_new_switches_with_defaults():
         assert f"(default:{default})" in entry, flag
 
 
-def test_results_hold_task_similarity_and_targets(tmp_path, tiny_clip, monkeypatch, capsys):
-    """`python lpi.py` (here at reduced size) writes S and Y to results.json and says how Y splits the pairs."""
-    monkeypatch.setattr(lpi.world, "load_or_build_tiny_clip", lambda *a, **k: copy.deepcopy(tiny_clip))
+def test_results_hold_task_similarity_and_targets(tmp_path, capsys):
+    """A run (lpi.run, here at reduced size) writes S and Y to results.json and says how Y splits the pairs."""
     for source in ("names", "centroids"):
         out = tmp_path / source
-        assert lpi.main(["--max-train-per-task", "24", "--max-test-per-task", "8", "--epochs", "1",
-                         "--batch-size", "8", "--no-progress", "--out", str(out), "--task-similarity", source,
-                         "--route-metric", "l1"]) == 0
+        lpi.run(lpi.RunConfig(max_train_per_task=24, max_test_per_task=8, epochs=1, batch_size=8, progress=False,
+                              out=str(out)), lpi.LPIConfig(task_similarity=source, route_metric="l1"))
         res = json.loads((out / "results.json").read_text())
         T = len(res["tasks"])
         S, Y = torch.tensor(res["task_similarity"]), torch.tensor(res["task_targets"])

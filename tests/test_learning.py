@@ -5,7 +5,7 @@ results.json, and the tuning protocol's split and choice."""
 
 import copy
 import json
-import os
+
 import sys
 from pathlib import Path
 
@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import clip_model  # noqa: E402
+import data  # noqa: E402
 import lpi  # noqa: E402
 from lpi import LPI, LPIConfig, LowRankPrompts  # noqa: E402
 
@@ -60,13 +61,12 @@ def _angle_moved(kind: str, optimizer: str, std: float = 0.5, lr: float = 0.001,
     """How far (radians) the direction of a layer-0 prompt turns in `steps` steps on a loss
     that sees only that direction (as the encoders do through LayerNorm)."""
     torch.manual_seed(0)
-    f = (LowRankPrompts if kind == "low" else lpi.FullRankPrompts)(J=1, M=4, D_v=32, D_t=32, R=4, std=std)
+    f = (LowRankPrompts(J=1, M=4, D_v=32, D_t=32, R=4, std=std) if kind == "low"    # full rank: the same
+         else lpi.FullRankPrompts(J=1, M=4, D_v=32, D_t=32, std=std ** 3 / 2))        # std at init (σ³/√R)
     torch.manual_seed(1)
     goal = torch.randn(4 * 32)
     start = F.normalize(f()[0].detach().flatten(), dim=0)
-    run = lpi.RunSettings(device=torch.device("cpu"), preprocess=None, batch_size=2, epochs=1, lr=lr,
-                          weight_decay=0.0, seed=0, optimizer=optimizer)
-    opt = lpi.make_optimizer(list(f.parameters()), run)
+    opt = lpi.make_optimizer(list(f.parameters()), lpi.RunConfig(lr=lr, weight_decay=0.0, optimizer=optimizer))
     for _ in range(steps):
         loss = -F.cosine_similarity(f()[0].flatten(), goal, dim=0)
         opt.zero_grad()
@@ -176,10 +176,10 @@ def test_training_log_holds_each_terms_gradient_norm_and_the_prompt_scale(tmp_pa
     tasks = [lpi.Task(n, lpi.ImageCaptionSet((torch.rand(12, 3, 32, 32) * 255).to(torch.uint8), [[c] for c in
                       (CAPTIONS * 3)]), lpi.ImageCaptionSet((torch.rand(4, 3, 32, 32) * 255).to(torch.uint8),
                       [[c] for c in CAPTIONS])) for n in ("a", "b")]
-    model = LPI(copy.deepcopy(tiny_clip), LPIConfig(J=2, M=2, R=2, interaction_rank=2, hier_factor=True))
-    run = lpi.RunSettings(device=torch.device("cpu"), preprocess=None, batch_size=4, epochs=2, lr=0.03,
-                          weight_decay=0.0, seed=0, optimizer="adam", progress=False, keys_k=2)
-    res = lpi.run_continual(model, tasks, run, tmp_path, {"method": "lpi"})
+    model = LPI(copy.deepcopy(tiny_clip), LPIConfig(J=2, M=2, R=2, interaction_rank=2, hier_factor=True, keys=2))
+    s = lpi.RunConfig(batch_size=4, epochs=2, lr=0.03, weight_decay=0.0, optimizer="adam", progress=False,
+                      out=str(tmp_path))
+    res = lpi.run_continual(model, tasks, s, lpi.Env(torch.device("cpu")), {"method": "lpi"})
     saved = json.loads((tmp_path / "results.json").read_text())
     for t, name in enumerate(("a", "b")):
         norms = saved["grad_norms"][name]
@@ -195,7 +195,7 @@ def test_training_log_holds_each_terms_gradient_norm_and_the_prompt_scale(tmp_pa
 def test_validation_split_is_held_out_of_the_training_images_and_never_the_test():
     import tune
 
-    task = lpi.builtin_task("sea-animals", n_train=50, n_test=10)
+    task = data.builtin_task("sea-animals", n_train=50, n_test=10)
     v = tune.validation_task(task, 12)
     assert len(v.train) == 38 and len(v.test) == 12
     as_rows = lambda s: {tuple(img.flatten().tolist()) for img in s.images}  # noqa: E731
@@ -216,13 +216,11 @@ def test_protocol_chooses_each_settings_best_point_and_lpi_uses_it():
         if method in tuning["chosen"]:
             c = tuning["chosen"][method]
             assert tuned == {"optimizer": c["optimizer"], "lr": c["lr"]}, method
-    args = lpi.build_parser().parse_args(["--method", "sprompts"])
-    lpi.fill_defaults(args, tiny=True)
-    assert (args.optimizer, args.lr) == (lpi.TUNED["sprompts"]["optimizer"],
-                                         lpi.TUNED["sprompts"]["lr"][lpi.TUNED["sprompts"]["optimizer"]])
-    args = lpi.build_parser().parse_args(["--optimizer", "sgd"])
-    lpi.fill_defaults(args, tiny=True)
-    assert args.lr == lpi.TUNED["lpi"]["lr"]["sgd"]
+    s, _ = lpi.fill_defaults(lpi.RunConfig(method="sprompts"), lpi.LPIConfig(), tiny=True)
+    assert (s.optimizer, s.lr) == (lpi.TUNED["sprompts"]["optimizer"],
+                                   lpi.TUNED["sprompts"]["lr"][lpi.TUNED["sprompts"]["optimizer"]])
+    s, _ = lpi.fill_defaults(lpi.RunConfig(optimizer="sgd"), lpi.LPIConfig(), tiny=True)
+    assert s.lr == lpi.TUNED["lpi"]["lr"]["sgd"]
 
 
 def test_tuning_script_runs_end_to_end_and_writes_its_grid(tmp_path):

@@ -1,20 +1,20 @@
 """Every --method runs end to end and writes the same results.json; L2P's pieces do what
 its equations say; the parameter accounting matches the modules.
 
-End-to-end runs are in-process (lpi.main) on two small built-in tasks with the shipped
+End-to-end runs are in-process (lpi.run) on two small built-in tasks with the shipped
 tiny CLIP (lpi.py's default: nothing to pre-train) and one epoch: plumbing, not numbers.
 """
-import copy
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import baselines
 import lpi
 
-TINY_RUN = ["--max-train-per-task", "32", "--max-test-per-task", "16", "--epochs", "1",
-            "--batch-size", "16", "--no-progress", "--workers", "0", "--tasks", "sea-animals,garden-tools"]
+TINY_RUN = dict(max_train_per_task=32, max_test_per_task=16, epochs=1, batch_size=16, progress=False, workers=0,
+                tasks="sea-animals,garden-tools")
 
 
 @pytest.fixture(scope="session")
@@ -54,18 +54,19 @@ def check_results(res: dict, T: int, method: str):
 
 
 @pytest.fixture(scope="session")
-def runs(tmp_path_factory, cache_dir):
-    """One tiny run per method: {method: results.json}. The backbone is read from disk once
-    (loading is tested in test_cli.py); each run gets its own copy."""
-    clip = lpi.world.load_or_build_tiny_clip(cache_dir, progress=False)
+def folders(tmp_path_factory, cache_dir):
+    """One tiny run per method: {method: its folder}."""
     out = {}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lpi.world, "load_or_build_tiny_clip", lambda *a, **k: copy.deepcopy(clip))
-        for method in lpi.METHODS:
-            d = tmp_path_factory.mktemp(f"run_{method}")
-            assert lpi.main(["--method", method, "--cache-dir", str(cache_dir), "--out", str(d), *TINY_RUN]) == 0
-            out[method] = json.loads((d / "results.json").read_text())
+    for method in lpi.METHODS:
+        out[method] = tmp_path_factory.mktemp(f"run_{method}")
+        lpi.run(lpi.RunConfig(method=method, cache_dir=str(cache_dir), out=str(out[method]), **TINY_RUN))
     return out
+
+
+@pytest.fixture(scope="session")
+def runs(folders):
+    """{method: its results.json}."""
+    return {method: json.loads((d / "results.json").read_text()) for method, d in folders.items()}
 
 
 @pytest.mark.parametrize("method", list(lpi.METHODS))
@@ -82,13 +83,29 @@ def test_results_report_method_parameters(runs, tiny_clip):
     """results.json's parameter count is the method's own (L2P: pool + keys + text prompts),
     and it equals the trainable tensors of the built model."""
     for method, res in runs.items():
-        args = lpi.build_parser().parse_args(["--method", method, "-J", str(res["config"]["J"]),
-                                              "-M", str(res["config"]["M"])])
-        model = lpi.make_method(args, tiny_clip)
+        model = lpi.make_method(method, lpi.LPIConfig(J=res["config"]["J"], M=res["config"]["M"]), tiny_clip)
         model.add_task()
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         assert lpi.model_parameters(model, 2)["total"] == trainable, method
         assert res["trainable_params_per_task"]["total"] == trainable, method
+
+
+@pytest.mark.parametrize("method", ["lpi", "l2p", "seqft"])
+def test_load_run_rebuilds_the_trained_model_and_router(folders, runs, method):
+    """lpi.load_run(folder): the model and router of the run's last checkpoint; encoding the
+    test items again with them gives the recall the run reported."""
+    loaded = lpi.load_run(folders[method])
+    assert loaded.done == 2 and loaded.results["recall"] == runs[method]["recall"]
+    s, env = loaded.settings, lpi.Env(torch.device("cpu"))
+    tasks = lpi.load_tasks(s)
+    frozen = [lpi.encode_set(loaded.model, t.test, s, env) for t in tasks]
+    recall, _, _ = lpi.evaluate(loaded.model, tasks, frozen, loaded.router, s, env)
+    assert recall["i2t"]["R@1"] == runs[method]["recall"]["i2t"]["R@1"][-1]
+    assert recall["t2i"]["R@1"] == runs[method]["recall"]["t2i"]["R@1"][-1]
+    fresh = lpi.load_run(folders[method], learned=False)
+    moved = [not torch.equal(a, b) for a, b in zip(loaded.model.parameters(), fresh.model.parameters())
+             if a.requires_grad or b.requires_grad]
+    assert method == "zeroshot" or any(moved)
 
 
 # ----------------------------------------------------------------------------------------
@@ -98,7 +115,7 @@ def test_results_report_method_parameters(runs, tiny_clip):
 def test_l2p_selection_is_top_k_by_cosine():
     torch.manual_seed(0)
     N, k, J, M_p, D, E, B = 10, 3, 2, 2, 8, 6, 5
-    pool = lpi.PromptPool(N, k, J, M_p, D, E, std=1.0)
+    pool = baselines.PromptPool(N, k, J, M_p, D, E, std=1.0)
     q = torch.randn(B, E)
     cos, idx = pool.select(q * 7.0)  # scale-free: cosine
     expected = F.cosine_similarity(q[:, None, :], pool.keys[None, :, :], dim=-1)  # (B, N)
@@ -112,7 +129,7 @@ def test_l2p_selection_is_top_k_by_cosine():
 
 def test_l2p_key_loss_decreases_as_keys_move_to_queries():
     torch.manual_seed(0)
-    pool = lpi.PromptPool(10, 5, 1, 1, 4, 6, std=1.0)
+    pool = baselines.PromptPool(10, 5, 1, 1, 4, 6, std=1.0)
     q = torch.randn(8, 6)
 
     def loss_after_moving(a):
@@ -123,7 +140,7 @@ def test_l2p_key_loss_decreases_as_keys_move_to_queries():
                 target = F.normalize(q[(idx == i).any(dim=1)], dim=-1).mean(0)
                 moved[i] = (1 - a) * F.normalize(pool.keys[i], dim=0) + a * target
             old, pool.keys.data = pool.keys.data, moved
-            loss = lpi.key_matching_loss(pool.select(q)[0])
+            loss = baselines.key_matching_loss(pool.select(q)[0])
             pool.keys.data = old
             return float(loss)
 
@@ -131,21 +148,21 @@ def test_l2p_key_loss_decreases_as_keys_move_to_queries():
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     # and a gradient step on the keys alone lowers it; unselected keys get no gradient
     cos, idx = pool.select(q)
-    before = lpi.key_matching_loss(cos)
+    before = baselines.key_matching_loss(cos)
     before.backward()
     unselected = torch.ones(10, dtype=torch.bool)
     unselected[idx.unique()] = False
     assert pool.keys.grad[unselected].abs().sum() == 0 and pool.prompts.grad is None
     with torch.no_grad():
         pool.keys -= 0.5 * pool.keys.grad
-    assert lpi.key_matching_loss(pool.select(q)[0]) < before
+    assert baselines.key_matching_loss(pool.select(q)[0]) < before
 
 
 def test_l2p_model_per_image_prompts(tiny_clip):
     """Prompted features = CLIP with each image's own selected prompts; task ids are ignored;
     None = frozen CLIP; the text side uses the one shared prompt set; nothing is ever frozen."""
     cfg = lpi.method_config("l2p", lpi.LPIConfig(J=2, M=4))
-    model = lpi.L2P(tiny_clip, cfg, lpi.L2PConfig(pool_size=6, top_k=2))
+    model = baselines.L2P(tiny_clip, cfg, baselines.L2PConfig(pool_size=6, top_k=2))
     assert model.add_task() == 0 and model.add_task() == 0
     assert all(p.requires_grad for n, p in model.named_parameters() if not n.startswith("clip."))
     images = torch.randn(4, 3, 32, 32)

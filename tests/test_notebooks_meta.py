@@ -92,13 +92,18 @@ def test_notebook_is_committed_executed_small_and_path_free(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_imports_the_repository_and_copies_none_of_it(path):
+    import baselines
     import builtin_world
     import clip_model
+    import data
     import lpi
+    import reporting
+    import run_support
 
     code = [_source(c) for c in _load(path)["cells"] if c["cell_type"] == "code"]
     assert re.search(r"^from nbsetup import \*$", code[0], re.M), "the first cell must be the shared setup"
-    public = {n for mod in (lpi, clip_model, builtin_world) for n in vars(mod) if not n.startswith("_")}
+    modules = (lpi, clip_model, builtin_world, data, reporting, baselines, run_support)
+    public = {n for mod in modules for n in vars(mod) if not n.startswith("_")}
     for src in code:
         for name in re.findall(r"^\s*(?:def|class)\s+(\w+)", src, re.M):
             assert name not in public, f"{path.name} defines {name}, which the repository's modules already have"
@@ -132,3 +137,19 @@ def test_every_symbol_of_the_spec_is_shown_with_its_code():
                 for part in dotted.split("."):
                     assert hasattr(obj, part), f"{symbol}: the code column names {module}.{dotted}, which does not exist"
                     obj = getattr(obj, part)
+
+
+def test_a_comment_or_docstring_edit_keeps_the_stamp_and_a_change_of_behaviour_does_not():
+    """The stamp hashes what lpi.py does: editing a comment or a docstring leaves the notebooks
+    fresh; changing a default (what the code does) marks them stale."""
+    sys.path.insert(0, str(ROOT / "notebooks"))
+    from execute import behaviour_hash
+
+    source = (ROOT / "lpi.py").read_text()
+    base = behaviour_hash(source)
+    commented = source.replace("\nclass LPIConfig:", "\n# a new comment\nclass LPIConfig:", 1)
+    redocumented = source.replace('"""A frozen CLIP plus', '"""Reworded: a frozen CLIP plus', 1)
+    changed = source.replace('alpha: float = switch(0.1,', 'alpha: float = switch(0.2,', 1)
+    assert commented != source and redocumented != source and changed != source
+    assert behaviour_hash(commented) == behaviour_hash(redocumented) == base
+    assert behaviour_hash(changed) != base

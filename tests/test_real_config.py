@@ -1,7 +1,6 @@
 """The real configuration, proven to run: OpenAI's architectures with random weights
 (`--clip random:NAME`), ViT-B/16 with LPI at J = 9 through the COCO + Flickr30K fixture on
 the CPU, and mixed precision (`--precision`)."""
-import copy
 import json
 
 import open_clip
@@ -10,6 +9,7 @@ import torch
 
 import clip_model
 import lpi
+import run_support
 from fixtures import make_coco_fixture, make_flickr_fixture
 
 
@@ -33,36 +33,24 @@ def test_vit_b16_lpi_j9_through_coco_and_flickr(tmp_path):
     make_coco_fixture(root, n_train=6, n_test=6)
     make_flickr_fixture(root, n_train=6, n_test=4)
     out = tmp_path / "run"
-    assert lpi.main(["--tasks", "coco,flickr", "--data-root", str(root), "--clip", "random:ViT-B/16",
-                     "--max-train-per-task", "4", "--max-test-per-task", "4", "--epochs", "1", "--batch-size", "4",
-                     "--pairs", "per-image", "--workers", "0", "--no-progress", "--out", str(out)]) == 0
-    res = json.loads((out / "results.json").read_text())
+    res = lpi.run(lpi.RunConfig(tasks="coco,flickr", data_root=str(root), clip="random:ViT-B/16", max_train_per_task=4,
+                                max_test_per_task=4, epochs=1, batch_size=4, pairs="per-image", workers=0,
+                                progress=False, out=str(out)))
+    assert res == json.loads((out / "results.json").read_text())
     assert res["config"]["J"] == 9 and res["config"]["M"] == 16 and res["config"]["augment"] == "auto"
     assert res["trainable_params_per_task"]["prompts"] == 5284 and res["trainable_params_per_task"]["interaction"] == 12872
     assert len(res["recall"]["i2t"]["R@1"]) == 2 and "zeroshot" in res
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["task_01.pt", "task_02.pt"]
 
 
-def test_unknown_random_architecture(tmp_path, capsys):
-    assert lpi.main(["--clip", "random:ViT-X/3", "--out", str(tmp_path / "o")]) == 2
-    assert "unknown architecture" in capsys.readouterr().err
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    return lpi.world.load_or_build_tiny_clip(tmp_path_factory.mktemp("cache"), progress=False)
-
-
-def test_bf16_on_cpu_is_within_tolerance_of_fp32(tmp_path, tiny_clip, monkeypatch):
+def test_bf16_on_cpu_is_within_tolerance_of_fp32(tmp_path):
     """--precision bf16 trains and evaluates on the CPU; its mean recall is within 3 points
     of fp32's (the encoders' matmuls in bf16, prompts and losses in fp32)."""
-    monkeypatch.setattr(lpi.world, "load_or_build_tiny_clip", lambda *a, **k: copy.deepcopy(tiny_clip))
     summary = {}
     for precision in ("fp32", "bf16"):
-        out = tmp_path / precision
-        assert lpi.main(["--tasks", "sea-animals,garden-tools", "--max-train-per-task", "128", "--max-test-per-task", "64",
-                         "--epochs", "2", "--no-progress", "--precision", precision, "--out", str(out)]) == 0
-        summary[precision] = json.loads((out / "results.json").read_text())["summary"]
+        s = lpi.RunConfig(tasks="sea-animals,garden-tools", max_train_per_task=128, max_test_per_task=64, epochs=2,
+                          progress=False, precision=precision, out=str(tmp_path / precision))
+        summary[precision] = lpi.run(s)["summary"]
     assert summary["fp32"] != summary["bf16"]                     # bf16 really ran
     assert abs(summary["fp32"]["mean_recall"] - summary["bf16"]["mean_recall"]) < 3.0, summary
 
@@ -70,11 +58,11 @@ def test_bf16_on_cpu_is_within_tolerance_of_fp32(tmp_path, tiny_clip, monkeypatc
 def test_autocast_precision_switch():
     dev = torch.device("cpu")
     a, b = torch.randn(4, 4), torch.randn(4, 4)
-    with lpi.autocast(dev, "bf16"):
+    with run_support.autocast(dev, "bf16"):
         assert (a @ b).dtype == torch.bfloat16
-    with lpi.autocast(dev, "fp32"):
+    with run_support.autocast(dev, "fp32"):
         assert (a @ b).dtype == torch.float32
-    assert lpi.default_precision(dev) == "fp32"
+    assert run_support.default_precision(dev) == "fp32"
 
 
 def test_gpu_check_runs_on_the_cpu(capsys):

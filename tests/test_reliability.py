@@ -2,19 +2,16 @@
 
 - kill anywhere: SIGKILL at 5 points (inside two atomic writes, three timed), then
   --resume: results.json and the last checkpoint equal an uninterrupted run's
-  (benchmarks/kill_resume.py runs any number of points);
-- checkpoints never execute code: a checkpoint crafted to run code when unpickled is
-  refused with a clear message, and the code does not run;
+  (benchmarks/kill_resume.py runs any number of points). This is the one home of the
+  kill / resume tests; bad input (checkpoints included) is tests/test_bad_inputs.py's;
 - deterministic: two runs with the same seed write identical numbers;
 - no silent NaN: a non-finite loss, gradient or parameter stops the run with a message
   naming the task, step and term (unit and property-based tests);
 - one run per output folder: a live run's lock is respected, a dead run's is taken over.
 """
-import copy
 import importlib.util
 import json
 import os
-import pickle
 import subprocess
 import sys
 import time
@@ -40,15 +37,9 @@ def load_script(name: str):
     return mod
 
 
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    return lpi.world.load_or_build_tiny_clip(tmp_path_factory.mktemp("cache"), progress=False)
-
-
 @pytest.fixture
-def in_process(tiny_clip, monkeypatch):
-    """lpi.main in this process, the backbone read once."""
-    monkeypatch.setattr(lpi.world, "load_or_build_tiny_clip", lambda *a, **k: copy.deepcopy(tiny_clip))
+def in_process():
+    """lpi.main in this process (the tiny CLIP is read once per process, then copied)."""
     return lpi.main
 
 
@@ -71,50 +62,6 @@ def test_kill_anywhere_then_resume_equals_uninterrupted(tmp_path):
         diff = kr.trial(reference, out, **point)
         assert diff is None, f"kill point {point}: {diff}\n" + (tmp_path / f"kill{i}.log").read_text()[-2000:]
         assert not list(out.rglob(".*.tmp*")) and not (out / ".lock").exists()   # nothing half-written left
-
-
-# ----------------------------------------------------------------------------------------
-# Checkpoints never execute code
-# ----------------------------------------------------------------------------------------
-
-class _Payload:
-    """Unpickling this writes a file: the stand-in for any code a malicious file would run."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.write_text, (Path(self.marker), "the checkpoint ran code"))
-
-
-def test_crafted_checkpoint_is_refused_and_runs_no_code(tmp_path, in_process, capsys):
-    out = tmp_path / "run"
-    assert in_process([*SMALL, "--out", str(out)]) == 0
-    ckpt = lpi.latest_checkpoint(out)
-    marker = tmp_path / "pwned"
-    state = lpi.read_checkpoint(ckpt)
-    state["results"]["note"] = _Payload(str(marker))
-    with open(ckpt, "wb") as f:
-        pickle.dump(state, f, protocol=2)      # a plain pickle: what torch.load would execute
-    torch.save(state, tmp_path / "zip.pt")     # and the same object inside torch's zip format
-    capsys.readouterr()
-    assert in_process([*SMALL, "--out", str(out), "--resume"]) == 2
-    err = capsys.readouterr().err
-    assert "refused" in err and str(ckpt) in err and "weights_only" in err, err
-    assert not marker.exists()
-    with pytest.raises(lpi.LPIError, match="refused"):
-        lpi.read_checkpoint(tmp_path / "zip.pt")
-    assert not marker.exists()
-
-
-def test_corrupt_checkpoint_is_a_clear_error(tmp_path, in_process, capsys):
-    out = tmp_path / "run"
-    assert in_process([*SMALL, "--out", str(out)]) == 0
-    ckpt = lpi.latest_checkpoint(out)
-    ckpt.write_bytes(ckpt.read_bytes()[:200])          # truncated
-    capsys.readouterr()
-    assert in_process([*SMALL, "--out", str(out), "--resume"]) == 2
-    assert "not a readable checkpoint" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------
@@ -198,13 +145,13 @@ def test_no_configuration_produces_nan_silently(J, M, R, batch, n, lr, tau_h, ta
     cfg = lpi.LPIConfig(J=J, M=M, R=R, low_rank=low_rank, tau_h=tau_h, tau_task=tau_task,
                         lambda_h=lam, lambda_task=lam, interaction_rank=2)
     model = lpi.LPI(random_clip(), cfg)
-    run = lpi.RunSettings(device=torch.device("cpu"), preprocess=None, batch_size=batch, epochs=1, lr=lr,
-                          weight_decay=0.0, seed=0, progress=False)
+    s = lpi.RunConfig(batch_size=batch, epochs=1, lr=lr, optimizer="sgd", weight_decay=0.0, progress=False)
     Y = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     try:
         for t in range(2):
             model.add_task()
-            running = lpi.train_task(model, t, _tiny_data(n, [caption, "a blue ring"], g), run, Y)["running"]
+            data = _tiny_data(n, [caption, "a blue ring"], g)
+            running = lpi.train_task(model, t, data, s, lpi.Env(torch.device("cpu")), Y)["running"]
             assert all(torch.isfinite(torch.tensor(v)) for v in running.values()), running
         for p in model.parameters():
             assert torch.isfinite(p).all()
