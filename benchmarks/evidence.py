@@ -1,5 +1,5 @@
 """The evidence table: every method, every single-component ablation of LPI, and the rank
-and depth sweeps, on the built-in tasks over several seeds, each row through `lpi.main`.
+and depth sweeps, on the built-in tasks over several seeds, each run through `lpi.run`.
 
 Writes <out-dir>/evidence.md (mean ± std over seeds) and <out-dir>/evidence.json (every run's
 numbers behind it), then appends the parameter table at ViT-B/16 scale (LPI vs S-Prompts vs
@@ -8,11 +8,11 @@ settings (R=4 and J=4 are LPI's defaults on the tiny CLIP) share their runs. Eac
 its own folder under --work-dir; a finished run is reused and an interrupted one resumed,
 so an interrupted table continues where it stopped.
 Usage:  python benchmarks/evidence.py [--seeds 3] [--quick] [--max-train-per-task N] ...
+From Python: evidence.make_table(quick=True, out_dir=..., work_dir=...).
 """
 import argparse
 import concurrent.futures
 import contextlib
-import copy
 import hashlib
 import json
 import multiprocessing
@@ -25,6 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import tune  # noqa: E402  (the settings of the ablations, and what makes two runs the same experiment)
 
 # Default size: the whole table (18 distinct settings x 3 seeds = 54 runs) in about half an
 # hour on 2 CPU cores, at lpi.py's tiny defaults (J=M=R=4, 8 epochs, batch 64) on the six
@@ -42,54 +45,46 @@ TUNING = ROOT / "benchmarks" / "results" / "tuning.json"
 # LPI before the fixes of METHOD.md §1-4: the authors' SGD at lr 0.05, deep prompts replacing
 # the hidden state, the hierarchical terms weighted by λ_h, the interaction's LayerNorm starting
 # at gain 1, and our factor-level loss on.
-BEFORE = ["--optimizer", "sgd", "--lr", "0.05", "--deep-prompts", "replace", "--hier-unscaled",
-          "--interaction-gain", "1", "--hier-factor"]
+BEFORE = dict(optimizer="sgd", lr=0.05, deep_prompts="replace", hier_tau_scaled=False, interaction_gain=1.0,
+              hier_factor=True)
+# The single-component ablations and our departures, as the settings they change (tune.SETTINGS)
+ABLATIONS = ("full-rank", "no-interaction", "no-hier-prompt", "hier-factor", "no-task-loss", "routing oracle", "alpha=0")
+DEPARTURES = ("deep-prompts=replace", "hier-unscaled", "interaction-gain=1")
 
 
-def tuned_flags(label: str) -> list[str]:
+def tuned(label: str) -> dict:
     """An ablation's optimiser and lr as the tuning protocol chose them (benchmarks/tune.py);
     the methods take theirs from lpi.TUNED, their defaults. Ablations the protocol did not
     tune (the task loss and the routing do not act on one task) keep LPI's."""
     if not TUNING.is_file():
-        return []
+        return {}
     chosen = json.loads(TUNING.read_text())["chosen"].get(label)
-    return [] if chosen is None else ["--optimizer", chosen["optimizer"], "--lr", str(chosen["chosen_lr"])]
+    return {} if chosen is None else {"optimizer": chosen["optimizer"], "lr": chosen["chosen_lr"]}
 
 
-def table_rows(depth: int, quick: bool) -> list[tuple[str, str, list[str]]]:
-    """(group, label, lpi.py flags) for every row of the table."""
-    rows = [("method", m, ["--method", m]) for m in ("zeroshot", "seqft", "sprompts", "l2p", "joint", "lpi")]
+def table_rows(depth: int, quick: bool) -> list[tuple[str, str, dict]]:
+    """(group, label, the settings it changes: lpi.configs keywords) for every row of the table."""
+    rows = [("method", m, {"method": m}) for m in ("zeroshot", "seqft", "sprompts", "l2p", "joint", "lpi")]
     # S-Prompts with the authors' recipe too: the protocol's choice for it is not the only fair one
-    rows.insert(3, ("method", "sprompts (SGD 0.05)", ["--method", "sprompts", "--optimizer", "sgd", "--lr", "0.05"]))
-    labels = {flag: flag.lstrip("-").replace(" ", "=") for flag in (
-        "--full-rank", "--no-interaction", "--no-hier-prompt", "--hier-factor", "--no-task-loss",
-        "--routing oracle", "--alpha 0")}
-    labels["--routing oracle"] = "routing oracle"
-    rows += [("LPI ablation", label, ["--method", "lpi", *flag.split(), *tuned_flags(label)])
-             for flag, label in labels.items()]
+    rows.insert(3, ("method", "sprompts (SGD 0.05)", {"method": "sprompts", "optimizer": "sgd", "lr": 0.05}))
+    changes = dict(tune.SETTINGS, **{"no-task-loss": {"task_loss": False}, "routing oracle": {"routing": "oracle"}})
+    rows += [("LPI ablation", label, dict(changes[label], **tuned(label)))
+             for label in ABLATIONS]
     # our departures from the authors' code, one at a time, and LPI as it was before them
-    ours = {flag: flag.lstrip("-").replace(" ", "=") for flag in (
-        "--deep-prompts replace", "--hier-unscaled", "--interaction-gain 1")}
-    rows += [("LPI departure", label, ["--method", "lpi", *flag.split(), *tuned_flags(label)])
-             for flag, label in ours.items()]
-    rows += [("LPI departure", "before the fixes", ["--method", "lpi", *BEFORE])]
-    rows += [("LPI rank", f"R={r}", ["--method", "lpi", "-R", str(r)]) for r in (1, 2, 4, 8, 16)]
-    rows += [("LPI depth", f"J={j}", ["--method", "lpi", "-J", str(j)]) for j in (1, 2, 4)]
-    rows += [("LPI depth", f"J=all ({depth})", ["--method", "lpi", "-J", str(depth)])]
+    rows += [("LPI departure", label, dict(changes[label], **tuned(label))) for label in DEPARTURES]
+    rows += [("LPI departure", "before the fixes", dict(BEFORE))]
+    rows += [("LPI rank", f"R={r}", {"R": r}) for r in (1, 2, 4, 8, 16)]
+    rows += [("LPI depth", f"J={j}", {"J": j}) for j in (1, 2, 4)]
+    rows += [("LPI depth", f"J=all ({depth})", {"J": depth})]
     if quick:  # a method without training, one with a pool, LPI, and a row sharing LPI's runs
         rows = [r for r in rows if r[1] in ("zeroshot", "l2p", "lpi", "R=4")]
     return rows
 
 
-def resolved_settings(lpi, flags: list[str]) -> str:
+def resolved_settings(settings: dict) -> str:
     """Everything a run's results depend on, with the tiny-scale defaults filled in: rows
-    with equal settings are the same experiment."""
-    ns = lpi.build_parser().parse_args(flags)
-    lpi.fill_defaults(ns, tiny=True)
-    args = vars(ns)
-    for k in ("out", "seed", "progress", "resume", "workers", "device", "cache_dir"):
-        args.pop(k, None)
-    return json.dumps(args, sort_keys=True)
+    with equal settings are the same experiment (tune.resolved, the seed left out)."""
+    return tune.resolved({k: v for k, v in settings.items() if k != "seed"})
 
 
 def run_metrics(res: dict) -> dict:
@@ -100,51 +95,34 @@ def run_metrics(res: dict) -> dict:
     return out
 
 
-def run_one(lpi, flags: list[str], out: Path) -> dict:
-    """One lpi.main run in this process (stdout/stderr to out.log); reuse or resume a
-    previous one in `out`."""
+def run_one(lpi, settings: dict, out: Path) -> dict:
+    """One lpi.run in this process (stdout/stderr to out.log); reuse or resume a previous one
+    in `out`. The tiny CLIP is read once per process (lpi's backbone loader keeps it)."""
     res_path = out / "results.json"
     if res_path.is_file():
         res = json.loads(res_path.read_text())
         if "zeroshot" in res:  # written only at the end of a finished run
             return res
-    resume = ["--resume"] if lpi.latest_checkpoint(out) is not None else []
+    s, cfg = lpi.configs(**settings, out=str(out), resume=lpi.latest_checkpoint(out) is not None)
     out.mkdir(parents=True, exist_ok=True)
     with open(out.with_suffix(".log"), "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        rc = lpi.main([*flags, "--out", str(out), *resume])
-    if rc != 0:
-        raise SystemExit(f"lpi.py {' '.join(flags)} failed (exit {rc}); see {out.with_suffix('.log')}")
-    return json.loads(res_path.read_text())
+        try:
+            return lpi.run(s, cfg)
+        except lpi.LPIError as e:
+            raise SystemExit(f"a run with {settings} failed ({e}); see {out.with_suffix('.log')}") from None
 
 
-def load_backbone_once(lpi) -> None:
-    """lpi.main reads (and decompresses) the tiny CLIP on every run, ~2-3 CPU-s: keep one
-    copy per process and hand each run a fresh deep copy of it (the weights are frozen)."""
-    if getattr(lpi.world.load_or_build_tiny_clip, "memo", None) is not None:
-        return
-    load, memo = lpi.world.load_or_build_tiny_clip, {}
-
-    def load_once(cache_dir, steps=lpi.world.PRETRAIN_DEFAULTS["steps"], **kwargs):
-        key = (str(cache_dir), steps, repr(sorted((k, v) for k, v in kwargs.items() if k != "progress")))
-        if key not in memo:
-            memo[key] = load(cache_dir, steps, **kwargs)
-        return copy.deepcopy(memo[key])
-    load_once.memo = memo
-    lpi.world.load_or_build_tiny_clip = load_once
-
-
-def job(spec: tuple[list[str], str, int | None]) -> tuple:
-    """One run (in this process or a pool worker): (flags, out, results, wall s, cpu s)."""
+def job(spec: tuple[dict, str, int | None]) -> tuple:
+    """One run (in this process or a pool worker): (settings, out, results, wall s, cpu s)."""
     import torch
     import lpi
 
-    load_backbone_once(lpi)
-    flags, out, threads = spec
+    settings, out, threads = spec
     if threads:
         torch.set_num_threads(threads)
     t0, c0 = time.time(), time.process_time()
-    res = run_one(lpi, flags, Path(out))
-    return flags, out, res, time.time() - t0, time.process_time() - c0
+    res = run_one(lpi, settings, Path(out))
+    return settings, out, res, time.time() - t0, time.process_time() - c0
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -181,19 +159,19 @@ def parameter_table(lpi, tasks: int = 12) -> tuple[list[dict], str]:
     return rows, "\n".join(lines)
 
 
-def plot_matrices(work: Path, slug_of: dict, rows: list, fixed: list, seeds: list, lpi, path: Path) -> None:
+def plot_matrices(work: Path, slug_of: dict, rows: list, fixed: dict, seeds: list, path: Path) -> None:
     """The R@1 matrices (mean of i2t and t2i, averaged over seeds) of LPI, seqft and S-Prompts
     side by side: where a shared prompt forgets and per-task prompts do not."""
     from matplotlib.figure import Figure
 
     panels = []
     for label in ("lpi", "seqft", "sprompts"):
-        flags = next((f for _, lb, f in rows if lb == label), None)
-        if flags is None:
+        changes = next((c for _, lb, c in rows if lb == label), None)
+        if changes is None:
             continue
         mats = []
         for s in seeds:
-            res = json.loads((work / slug_of[resolved_settings(lpi, [*flags, *fixed])] / f"seed{s}" / "results.json").read_text())
+            res = json.loads((work / slug_of[resolved_settings({**fixed, **changes})] / f"seed{s}" / "results.json").read_text())
             r1 = [res["recall"][d]["R@1"] for d in ("i2t", "t2i")]
             mats.append([[None if a is None else (a + b) / 2 for a, b in zip(ra, rb)] for ra, rb in zip(*r1)])
         mean = [[None if row[k] is None else statistics.fmean(m[t][k] for m in mats) for k, _ in enumerate(row)]
@@ -246,35 +224,31 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def sizes_and_flags(a, lpi) -> tuple[dict, list[str]]:
+def sizes_and_settings(a, lpi) -> tuple[dict, dict]:
     """The sizes of the runs (quick or default, overridden by the command line) and the
-    lpi.py flags every run shares."""
+    settings every run shares."""
     size = dict(QUICK_SIZE if a.quick else DEFAULT_SIZE)
     for k in ("max_train_per_task", "max_test_per_task", "epochs", "batch_size", "tasks", "pretrain_steps"):
         if getattr(a, k) is not None:
             size[k] = getattr(a, k)
     size.setdefault("pretrain_steps", lpi.world.PRETRAIN_DEFAULTS["steps"])
-    fixed = ["--cache-dir", a.cache_dir, "--no-progress", "--workers", "0", "--pretrain-steps", str(size["pretrain_steps"])]
-    for k in ("max_train_per_task", "max_test_per_task", "epochs", "batch_size", "tasks"):
-        if k in size:
-            fixed += ["--" + k.replace("_", "-"), str(size[k])]
-    return size, fixed
+    return size, dict(size, cache_dir=a.cache_dir, progress=False, workers=0)
 
 
-def distinct_settings(rows: list, fixed: list[str], lpi) -> tuple[dict, list]:
-    """Rows -> {settings: run folder name} and the distinct (settings, flags) to run."""
+def distinct_settings(rows: list, fixed: dict) -> tuple[dict, list]:
+    """Rows -> {settings: run folder name} and the distinct (settings, row's changes) to run."""
     slug_of, distinct = {}, []
-    for group, label, flags in rows:
-        key = resolved_settings(lpi, [*flags, *fixed])
+    for group, label, changes in rows:
+        key = resolved_settings({**fixed, **changes})
         if key not in slug_of:
             # the folder names the settings: other sizes or defaults never reuse a stale run
             name = "".join(c for c in label.replace(" ", "_") if c.isalnum() or c in "_-")
             slug_of[key] = f"{name}_{hashlib.sha256(key.encode()).hexdigest()[:8]}"
-            distinct.append((key, flags))
+            distinct.append((key, changes))
     return slug_of, distinct
 
 
-def run_all(jobs: list, n_jobs: int, lpi) -> dict[str, list[dict]]:
+def run_all(jobs: list, n_jobs: int) -> dict[str, list[dict]]:
     """Every run, n_jobs at a time; -> {settings: [one dict of metrics per seed]}."""
     runs: dict[str, list[dict]] = {}
     t_runs = time.time()
@@ -283,12 +257,12 @@ def run_all(jobs: list, n_jobs: int, lpi) -> dict[str, list[dict]]:
     else:  # separate processes (spawned: a clean torch each), one torch thread apiece
         pool = concurrent.futures.ProcessPoolExecutor(n_jobs, mp_context=multiprocessing.get_context("spawn"))
         done = (f.result() for f in concurrent.futures.as_completed([pool.submit(job, j) for j in jobs]))
-    for i, (flags, out, res, wall, cpu) in enumerate(done, 1):
-        runs.setdefault(resolved_settings(lpi, flags), []).append(dict(
-            seed=int(flags[-1]), run_time_s=wall, cpu_time_s=cpu, trainable_params=res["trainable_params_per_task"],
+    for i, (settings, out, res, wall, cpu) in enumerate(done, 1):
+        runs.setdefault(resolved_settings(settings), []).append(dict(
+            seed=settings["seed"], run_time_s=wall, cpu_time_s=cpu, trainable_params=res["trainable_params_per_task"],
             **run_metrics(res)))
         elapsed = time.time() - t_runs
-        print(f"[{i}/{len(jobs)}] {Path(out).parent.name} seed {flags[-1]}: {wall:.0f}s (cpu {cpu:.0f}s) "
+        print(f"[{i}/{len(jobs)}] {Path(out).parent.name} seed {settings['seed']}: {wall:.0f}s (cpu {cpu:.0f}s) "
               f"(elapsed {elapsed / 60:.1f} min, ETA {elapsed / i * (len(jobs) - i) / 60:.1f} min)", flush=True)
     if n_jobs > 1:
         pool.shutdown()
@@ -297,15 +271,15 @@ def run_all(jobs: list, n_jobs: int, lpi) -> dict[str, list[dict]]:
     return runs
 
 
-def table(rows: list, runs: dict, fixed: list[str], lpi) -> list[dict]:
+def table(rows: list, runs: dict, fixed: dict) -> list[dict]:
     """One dict per row: its runs, their mean and std per metric, and the row whose runs it shares."""
     out = []
-    for group, label, flags in rows:
-        key = resolved_settings(lpi, [*flags, *fixed])
-        rs, method = runs[key], flags[1]
+    for group, label, changes in rows:
+        key = resolved_settings({**fixed, **changes})
+        rs, method = runs[key], changes.get("method", "lpi")
         stats = {m: mean_std([r[m] for r in rs]) for m in METRICS}
-        shared_with = next(lb for _, lb, f in rows if resolved_settings(lpi, [*f, *fixed]) == key)
-        out.append(dict(group=group, label=label, flags=" ".join(flags), method=method,
+        shared_with = next(lb for _, lb, c in rows if resolved_settings({**fixed, **c}) == key)
+        out.append(dict(group=group, label=label, settings=changes, method=method,
                         same_runs_as=None if shared_with == label else shared_with,
                         routed=method in ROUTED, trainable_params=rs[0]["trainable_params"],
                         mean={m: v[0] for m, v in stats.items()}, std={m: v[1] for m, v in stats.items()}, runs=rs))
@@ -351,8 +325,24 @@ def markdown(out_rows: list, size: dict, seeds: list, a, n_jobs: int, minutes: f
     return "\n".join(lines)
 
 
+def make_table(**options) -> dict:
+    """The whole table (options: the command line's, as keywords: quick=True, seeds=3,
+    out_dir=..., work_dir=..., jobs=...); writes evidence.md / .json and recall_matrices.png
+    and returns evidence.json's dict."""
+    a = parse_args([])
+    unknown = set(options) - set(vars(a))
+    if unknown:
+        raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    vars(a).update(options)
+    return build(a)
+
+
 def main(argv=None) -> int:
-    a = parse_args(argv)
+    build(parse_args(argv))
+    return 0
+
+
+def build(a) -> dict:
     import torch
     import lpi
     import clip_model
@@ -361,7 +351,7 @@ def main(argv=None) -> int:
     threads = a.threads or (1 if n_jobs > 1 else None)
     if threads:
         torch.set_num_threads(threads)
-    size, fixed = sizes_and_flags(a, lpi)
+    size, fixed = sizes_and_settings(a, lpi)
     seeds = list(range(a.seeds if a.seeds is not None else (1 if a.quick else 3)))
     out_dir = Path(a.out_dir or (ROOT / ("runs/evidence_quick" if a.quick else "benchmarks/results")))
     work = Path(a.work_dir or (ROOT / ("runs/evidence_quick" if a.quick else "runs/evidence")))
@@ -371,26 +361,26 @@ def main(argv=None) -> int:
     rows = table_rows(min(clip_model.TINY.vision_layers, clip_model.TINY.transformer_layers), a.quick)
     if a.rows:
         rows = [r for r in rows if any(w in r[1] for w in a.rows.split(","))]
-    slug_of, distinct = distinct_settings(rows, fixed, lpi)
-    jobs = [([*flags, *fixed, "--seed", str(s)], str(work / slug_of[key] / f"seed{s}"), threads)
-            for key, flags in distinct for s in seeds]
+    slug_of, distinct = distinct_settings(rows, fixed)
+    jobs = [({**fixed, **changes, "seed": s}, str(work / slug_of[key] / f"seed{s}"), threads)
+            for key, changes in distinct for s in seeds]
     print(f"{len(rows)} rows, {len(distinct)} distinct settings x {len(seeds)} seed(s) = {len(jobs)} runs; "
           f"sizes {size}; {n_jobs} parallel job(s), torch threads {threads or torch.get_num_threads()} each", flush=True)
-    out_rows = table(rows, run_all(jobs, n_jobs, lpi), fixed, lpi)
+    out_rows = table(rows, run_all(jobs, n_jobs), fixed)
     params, ptable = parameter_table(lpi)
     md = markdown(out_rows, size, seeds, a, n_jobs, (time.time() - t_start) / 60, lpi) + "\n\n" + ptable + "\n"
     total = time.time() - t_start
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "evidence.md").write_text(md)
-    (out_dir / "evidence.json").write_text(json.dumps(dict(
-        settings=dict(size, seeds=seeds, quick=a.quick, jobs=n_jobs, torch_threads=torch.get_num_threads(),
-                      machine=platform.platform(), lpi_flags=fixed),
-        rows=out_rows, parameters_vitb16=params, total_time_s=total), indent=2))
-    plot_matrices(work, slug_of, rows, fixed, seeds, lpi, out_dir / "recall_matrices.png")
+    evidence = dict(settings=dict(size, seeds=seeds, quick=a.quick, jobs=n_jobs, torch_threads=torch.get_num_threads(),
+                                  machine=platform.platform(), shared_settings=fixed),
+                    rows=out_rows, parameters_vitb16=params, total_time_s=total)
+    (out_dir / "evidence.json").write_text(json.dumps(evidence, indent=2))
+    plot_matrices(work, slug_of, rows, fixed, seeds, out_dir / "recall_matrices.png")
     print(md)
     print(f"wrote {out_dir / 'evidence.md'}, {out_dir / 'evidence.json'} and {out_dir / 'recall_matrices.png'} "
           f"in {total / 60:.1f} min")
-    return 0
+    return evidence
 
 
 if __name__ == "__main__":

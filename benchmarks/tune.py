@@ -5,13 +5,14 @@ every LPI ablation, each point scored on a validation split held out from the fi
 Each setting (a method, or LPI with one component switched) is trained on the first built-in
 task's training images less N_VAL held out, for lpi.py's tiny-scale epochs, then scored by
 mean recall (i2t and t2i R@1/5/10) on the held-out images. The best point of each setting
-becomes its default (lpi.TUNED for the methods; benchmarks/evidence.py passes the ablations'
-choices as flags). Writes <out-dir>/tuning.md (the grid's scores) and tuning.json.
+becomes its default (lpi.TUNED for the methods; benchmarks/evidence.py gives the ablations
+their choices). Writes <out-dir>/tuning.md (the grid's scores) and tuning.json.
 Usage:  python benchmarks/tune.py [--jobs 2] [--quick]
 """
 import argparse
 import concurrent.futures
 import contextlib
+import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -24,18 +25,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import data  # noqa: E402
+
 # The same grid for every setting: each optimiser with learning rates around its usual range
 # (SGD with momentum needs larger ones than Adam, whose step does not scale with the gradient).
 GRID = [("sgd", lr) for lr in (0.01, 0.05, 0.25, 1.0, 4.0)] + [("adam", lr) for lr in (0.003, 0.01, 0.03, 0.1, 0.3)]
 # Every trained method, and every LPI ablation of the evidence table that changes what is
 # trained on one task (the task loss and the routing act only from the second task on).
+# Each setting: the lpi.RunConfig / lpi.LPIConfig values it changes (lpi.configs).
 SETTINGS = {
-    "lpi": [], "sprompts": ["--method", "sprompts"], "l2p": ["--method", "l2p"],
-    "full-rank": ["--full-rank"], "no-interaction": ["--no-interaction"], "alpha=0": ["--alpha", "0"],
-    "no-hier-prompt": ["--no-hier-prompt"], "hier-factor": ["--hier-factor"],
+    "lpi": {}, "sprompts": {"method": "sprompts"}, "l2p": {"method": "l2p"},
+    "full-rank": {"low_rank": False}, "no-interaction": {"interaction": False}, "alpha=0": {"alpha": 0.0},
+    "no-hier-prompt": {"hier_prompt": False}, "hier-factor": {"hier_factor": True},
     # our departures from the authors' code, one at a time
-    "deep-prompts=replace": ["--deep-prompts", "replace"], "hier-unscaled": ["--hier-unscaled"],
-    "interaction-gain=1": ["--interaction-gain", "1"],
+    "deep-prompts=replace": {"deep_prompts": "replace"}, "hier-unscaled": {"hier_tau_scaled": False},
+    "interaction-gain=1": {"interaction_gain": 1.0},
 }
 # seqft and joint train one prompt set of LPI's shape: on the first task alone that is LPI's
 # model on the same data, the same computation (a first run of the grid gave equal scores at
@@ -49,35 +53,33 @@ def validation_task(task, n_val: int, seed: int = 0):
     """The task with its training images split: the last n_val of a fixed permutation become
     the 'test' set (validation), the rest the training set. The test items are not used."""
     import torch
-    import lpi
 
     n = len(task.train)
     if not 1 <= n_val < n - 1:
         raise ValueError(f"n_val={n_val} must leave at least 2 of the {n} training images for training")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     fit, val = order[: n - n_val].sort().values, order[n - n_val:].sort().values
-    take = lambda idx: lpi.ImageCaptionSet(task.train.images[idx], [task.train.captions[i] for i in idx.tolist()])  # noqa: E731
-    return lpi.Task(task.name, take(fit), take(val), task.label)
+    take = lambda idx: data.ImageCaptionSet(task.train.images[idx], [task.train.captions[i] for i in idx.tolist()])  # noqa: E731
+    return data.Task(task.name, take(fit), take(val), task.label)
 
 
-_CLIP = {}
+# What may differ between two runs of the same experiment: where and how they run and write.
+NOT_SETTINGS = ("out", "resume", "progress", "workers", "cache_dir", "device", "precision")
 
 
-def resolved(flags: list[str]) -> str:
-    """Every setting a point's result depends on, defaults filled in: its folder's name
-    carries a hash of it, so a point made with other settings (or other defaults) is never
-    reused."""
+def resolved(overrides: dict) -> str:
+    """Every setting a run's result depends on (lpi.configs of `overrides`, the tiny scale's
+    defaults filled in), as JSON: a folder named by its hash is never reused by a run made
+    with other settings (or other defaults)."""
     import lpi
 
-    args = lpi.build_parser().parse_args(flags)
-    lpi.fill_defaults(args, tiny=True)
-    return json.dumps({k: v for k, v in sorted(vars(args).items())
-                       if k not in ("out", "progress", "workers", "cache_dir", "device")})
+    s, cfg = lpi.fill_defaults(*lpi.configs(**overrides), tiny=True)
+    settings = dict(dataclasses.asdict(s), **dataclasses.asdict(cfg))
+    return json.dumps({k: v for k, v in sorted(settings.items()) if k not in NOT_SETTINGS})
 
 
-def point_flags(flags: list[str], optimizer: str, lr: float, size: dict) -> list[str]:
-    return [*flags, "--optimizer", optimizer, "--lr", str(lr), "--epochs", str(size["epochs"]),
-            "--batch-size", str(size["batch_size"])]
+def point_settings(overrides: dict, optimizer: str, lr: float, size: dict) -> dict:
+    return dict(overrides, optimizer=optimizer, lr=lr, epochs=size["epochs"], batch_size=size["batch_size"])
 
 
 def score_point(spec: tuple) -> tuple:
@@ -85,24 +87,22 @@ def score_point(spec: tuple) -> tuple:
     import torch
     import lpi
 
-    name, flags, optimizer, lr, size, cache_dir, out, threads = spec
+    name, overrides, optimizer, lr, size, cache_dir, out, threads = spec
     torch.set_num_threads(threads)
     res_path = Path(out) / "results.json"
     if res_path.is_file() and "zeroshot" in (res := json.loads(res_path.read_text())):
         return name, optimizer, lr, dict(res, reused=True)   # a finished point is reused
-    if "clip" not in _CLIP:
-        _CLIP["clip"] = lpi.world.load_or_build_tiny_clip(cache_dir, progress=False)
-    clip = _CLIP["clip"]
-    args = lpi.build_parser().parse_args([*point_flags(flags, optimizer, lr, size), "--no-progress", "--workers", "0",
-                                          "--out", str(out)])
-    lpi.fill_defaults(args, tiny=True)
-    first = lpi.builtin_task(next(iter(lpi.BUILTIN_TASKS)), n_train=size["n_train"])
+    settings = dict(point_settings(overrides, optimizer, lr, size), progress=False, workers=0, out=str(out),
+                    cache_dir=cache_dir, resume=lpi.latest_checkpoint(Path(out)) is not None)
+    s, cfg = lpi.fill_defaults(*lpi.configs(**settings), tiny=True)
+    clip, preprocess, _ = data.load_backbone(s, torch.device("cpu"))      # read once per process
+    first = data.builtin_task(next(iter(data.BUILTIN_TASKS)), n_train=size["n_train"])
     task = validation_task(first, size["n_val"])
-    run = lpi.run_settings(args, torch.device("cpu"), lpi.clip_model.preprocess_for(clip.visual.input_resolution),
-                           lpi.Dist(), builtin=True)
+    config = dict(dataclasses.asdict(s), **dataclasses.asdict(cfg))
     Path(out).mkdir(parents=True, exist_ok=True)
     with open(Path(out) / "log.txt", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        res = lpi.run_continual(lpi.make_method(args, clip), [task], run, Path(out), dict(vars(args)))
+        res = lpi.run_continual(lpi.make_method(s.method, cfg, clip), [task], s, lpi.Env(torch.device("cpu"), preprocess),
+                                config)
     return name, optimizer, lr, res
 
 
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     import lpi
 
-    size = dict(n_train=lpi.world.TASK_SIZES["n_train"], n_val=N_VAL, epochs=lpi.TINY_DEFAULTS["epochs"],
+    size = dict(n_train=data.world.TASK_SIZES["n_train"], n_val=N_VAL, epochs=lpi.TINY_DEFAULTS["epochs"],
                 batch_size=lpi.TINY_DEFAULTS["batch_size"])
     settings, grid = SETTINGS, GRID
     if a.quick:
@@ -160,12 +160,12 @@ def main(argv=None) -> int:
     out_dir = Path(a.out_dir or (ROOT / ("runs/tune_quick" if a.quick else "benchmarks/results")))
     work = Path(a.work_dir or (ROOT / ("runs/tune_quick" if a.quick else "runs/tune")))
     tag = f"n{size['n_train']}_v{size['n_val']}_e{size['epochs']}_b{size['batch_size']}"
-    folder = lambda name, flags, o, lr: work / tag / (  # noqa: E731
-        f"{name}_{o}_{lr:g}_" + hashlib.sha256(resolved(point_flags(flags, o, lr, size)).encode()).hexdigest()[:8])
-    specs = [(name, flags, o, lr, size, a.cache_dir, str(folder(name, flags, o, lr)), 1 if a.jobs > 1 else 2)
-             for name, flags in settings.items() for o, lr in grid]
+    folder = lambda name, over, o, lr: work / tag / (  # noqa: E731
+        f"{name}_{o}_{lr:g}_" + hashlib.sha256(resolved(point_settings(over, o, lr, size)).encode()).hexdigest()[:8])
+    specs = [(name, over, o, lr, size, a.cache_dir, str(folder(name, over, o, lr)), 1 if a.jobs > 1 else 2)
+             for name, over in settings.items() for o, lr in grid]
     t0, scores, reused, run_s = time.time(), {name: {} for name in settings}, 0, 0.0
-    lpi.world.load_or_build_tiny_clip(a.cache_dir, progress=True)  # built (or read) once, before the workers
+    data.world.load_or_build_tiny_clip(a.cache_dir, progress=True)  # built (or read) once, before the workers
     pool = concurrent.futures.ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context("spawn"))
     futures = [pool.submit(score_point, s) for s in specs]
     for i, f in enumerate(concurrent.futures.as_completed(futures), 1):
