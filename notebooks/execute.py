@@ -3,26 +3,53 @@
     python notebooks/execute.py                 # all of them (about 10 CPU minutes)
     python notebooks/execute.py 03 06           # those whose names start with 03 or 06
 
-Each notebook's metadata gets {"lpi": {"code": CODE_HASH}}, a hash of the files the notebooks
-teach (CODE_FILES). tests/test_notebooks_meta.py compares it with the hash of today's files, so
-committed outputs that an older version of the code produced fail the tests: re-execute them
-with this script after changing the code.
+Each notebook's metadata gets {"lpi": {"code": CODE_HASH}}, a hash of what the notebooks'
+outputs depend on: what the code they teach *does* (CODE_FILES, each file's syntax tree without
+its comments and docstrings) and the data files they read (DATA_FILES, byte for byte).
+tests/test_notebooks_meta.py compares it with today's hash, so committed outputs that an older
+version of the code produced fail the tests: re-execute them with this script after changing
+what the code does. A comment or docstring edit leaves them fresh.
 """
+import ast
 import hashlib
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# What the notebooks' outputs depend on: the code they teach, the shipped tiny CLIP, and the
-# evidence script and committed results that notebook 07 runs and reads.
-CODE_FILES = ("clip_model.py", "lpi.py", "builtin_world.py", "notebooks/nbsetup.py", "tiny_clip.pt.xz",
-              "benchmarks/evidence.py", "benchmarks/results/evidence.json", "benchmarks/results/recall_matrices.png")
+# The code the notebooks run: the repository's modules, their shared setup, and the
+# benchmark scripts that notebook 07 runs (evidence.py reads tune.py's settings).
+CODE_FILES = ("clip_model.py", "builtin_world.py", "run_support.py", "data.py", "reporting.py", "baselines.py",
+              "lpi.py", "notebooks/nbsetup.py", "benchmarks/tune.py", "benchmarks/evidence.py")
+# The data they read: the shipped tiny CLIP and its vocabulary, and the committed results of
+# the tuning protocol and of the evidence table that notebook 07 shows.
+DATA_FILES = ("tiny_clip.pt.xz", "bpe_simple_vocab_16e6.txt.gz", "benchmarks/results/tuning.json",
+              "benchmarks/results/tuning.md", "benchmarks/results/evidence.json",
+              "benchmarks/results/recall_matrices.png")
+
+
+def _without_docstrings(tree: ast.AST) -> ast.AST:
+    """The tree with the docstring of the module and of every class and function removed."""
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def behaviour_hash(source: str) -> str:
+    """A hash of what Python code does: its syntax tree without comments (the parser drops
+    them), docstrings and line numbers. Formatting, comments and docstrings do not change it."""
+    return hashlib.sha256(ast.dump(_without_docstrings(ast.parse(source))).encode()).hexdigest()
 
 
 def code_hash() -> str:
     h = hashlib.sha256()
     for name in CODE_FILES:
+        h.update(name.encode() + b"\0" + behaviour_hash((ROOT / name).read_text()).encode() + b"\0")
+    for name in DATA_FILES:
         h.update(name.encode() + b"\0" + (ROOT / name).read_bytes() + b"\0")
     return h.hexdigest()[:16]
 

@@ -2,9 +2,10 @@
 
 Puts the repository (one folder up) on the import path, imports what the notebooks use,
 fixes threads, seed and figure size, and defines
-  show(obj, start, stop)  the source of a function or class as it is in lpi.py / clip_model.py
-                          / builtin_world.py (imported, never copied into a notebook)
-  run_lpi(*flags)         `python lpi.py FLAGS` in this process, into a temporary folder
+  show(obj, start, stop)  the source of a function or class as it is in lpi.py, clip_model.py
+                          or a module beside them (imported, never copied into a notebook)
+  run_lpi(**settings)     a whole run (lpi.run, as `python lpi.py`) in this process, into a
+                          temporary folder
   WORK, CACHE             that temporary folder (removed when the kernel exits)
 """
 import contextlib
@@ -26,12 +27,16 @@ import torch.nn.functional as F  # noqa: E402
 from IPython import get_ipython  # noqa: E402
 from IPython.display import Image, Markdown, display  # noqa: E402
 
+import baselines  # noqa: E402
 import builtin_world as world  # noqa: E402
 import clip_model  # noqa: E402
+import data  # noqa: E402
 import lpi  # noqa: E402
+import reporting  # noqa: E402
 
 __all__ = ["ROOT", "CACHE", "WORK", "RC", "F", "Image", "Markdown", "clip_model", "contextlib", "display", "inspect", "io",
-           "json", "lpi", "math", "pathlib", "plt", "run_lpi", "show", "sys", "tempfile", "textwrap", "torch", "world"]
+           "json", "lpi", "math", "pathlib", "plt", "run_lpi", "show", "sys", "tempfile", "textwrap", "torch", "world",
+           "data", "reporting", "baselines"]
 
 # One thread: the tests run two notebooks side by side on two cores, and the tiny CLIP's
 # small matrices gain nothing from more (on a busy machine extra threads only spin).
@@ -54,18 +59,20 @@ def show(obj, start=None, stop=None):
     display(Markdown(f"`{where}`\n```python\n{textwrap.dedent(''.join(lines[i:j]))}```"))
 
 
-def run_lpi(*flags, report=True):
-    """`python lpi.py FLAGS` in this process, writing into a fresh temporary folder. Prints
-    lpi.py's report (or, with report=False, its summary line; the folder shown as <out>);
-    returns (results.json as a dict, the folder)."""
+def run_lpi(report=True, **settings):
+    """A whole run, as `python lpi.py` does it (lpi.run), in this process, into a fresh
+    temporary folder; settings are lpi.configs keywords (method="seqft", epochs=2, R=2, ...).
+    Prints lpi.py's report (or, with report=False, its mean-recall line; the folder shown as
+    <out>); returns (results.json as a dict, the folder)."""
     out = tempfile.mkdtemp(dir=WORK.name)
+    s, cfg = lpi.configs(**{"cache_dir": CACHE, "progress": False, "workers": 0, **settings, "out": out})
     log = io.StringIO()
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        code = lpi.main([*flags, "--cache-dir", CACHE, "--out", out, "--no-progress", "--workers", "0"])
-    text = log.getvalue().replace(out, "<out>").replace(CACHE, "<cache>")
-    print(text if report or code else " ".join(flags) + ": " + next((l for l in text.splitlines() if l.startswith("mean recall")), ""))
-    assert code == 0, "lpi.main failed (see above)"
+        results = lpi.run(s, cfg)
+    text = (log.getvalue() + lpi.report(results, out)).replace(out, "<out>").replace(CACHE, "<cache>")
+    changed = ", ".join(f"{k}={v}" for k, v in settings.items())
+    print(text if report else changed + ": " + next(l for l in text.splitlines() if l.startswith("mean recall")))
     if get_ipython() is not None:
         get_ipython().run_line_magic("matplotlib", "inline")  # lpi's plots switched matplotlib to Agg
     plt.rcParams.update(RC)
-    return json.loads((pathlib.Path(out) / "results.json").read_text()), pathlib.Path(out)
+    return results, pathlib.Path(out)
