@@ -6,15 +6,19 @@ are the checkpoint's names. The one addition is a *prompt slot* in each encoder 
 prompting, VPT / MaPLe style) that LPI (lpi.py) fills; with no prompts this is plain CLIP.
 
 Reading order: tokenizer -> building blocks -> the two encoders -> CLIP -> config and
-build_model -> load() and preprocessing.
+build_model -> load() and preprocessing -> reading weights as users hold them (OpenAI's
+names, Hugging Face folders, trusted TorchScript).
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import html
+import json
 import os
 import urllib.request
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
@@ -173,6 +177,12 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+# The MLP's activation. OpenAI's releases were trained with QuickGELU; LAION's and DataComp's
+# (open_clip's names without -quickgelu) with the exact GELU. The weights do not say which: a
+# model built with the other one loads without complaint and computes other features.
+ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention. The parameters carry torch.nn.MultiheadAttention's names
     (in_proj_weight stacks W_q, W_k, W_v) because the checkpoints were saved from it."""
@@ -193,16 +203,16 @@ class SelfAttention(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    """x + Attn(LN(x)), then x + MLP(LN(x)); MLP = Linear(D, 4D) -> QuickGELU -> Linear(4D, D)."""
+    """x + Attn(LN(x)), then x + MLP(LN(x)); MLP = Linear(D, 4D) -> activation -> Linear(4D, D)."""
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, activation: str = "quick_gelu"):
         super().__init__()
         self.ln_1 = LayerNorm(width)
         self.attn = SelfAttention(width, heads)
         self.ln_2 = LayerNorm(width)
         self.mlp = nn.Sequential(OrderedDict([
             ("c_fc", nn.Linear(width, 4 * width)),
-            ("gelu", QuickGELU()),
+            ("gelu", ACTIVATIONS[activation]()),   # named as in the checkpoints (no parameters)
             ("c_proj", nn.Linear(4 * width, width)),
         ]))
 
@@ -223,10 +233,10 @@ class Transformer(nn.Module):
     """
     DEEP_MODES = ("replace", "add")
 
-    def __init__(self, width: int, layers: int, heads: int):
+    def __init__(self, width: int, layers: int, heads: int, activation: str = "quick_gelu"):
         super().__init__()
         self.width, self.layers = width, layers
-        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, activation) for _ in range(layers)])
 
     def forward(self, x: torch.Tensor, causal: bool = False, prompts: torch.Tensor | None = None,
                 start: int = 1, deep: str = "replace") -> torch.Tensor:
@@ -269,7 +279,7 @@ class VisionTransformer(nn.Module):
     LN of the CLS output, linear projection into the joint embedding space."""
 
     def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int, heads: int,
-                 output_dim: int):
+                 output_dim: int, activation: str = "quick_gelu"):
         super().__init__()
         self.input_resolution = input_resolution
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
@@ -278,7 +288,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
         self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads)
+        self.transformer = Transformer(width, layers, heads, activation)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
@@ -307,8 +317,9 @@ class CLIP(nn.Module):
         self.cfg = cfg
         self.context_length = cfg.context_length
         self.visual = VisionTransformer(cfg.image_resolution, cfg.vision_patch_size, cfg.vision_width,
-                                        cfg.vision_layers, cfg.vision_heads, cfg.embed_dim)
-        self.transformer = Transformer(cfg.transformer_width, cfg.transformer_layers, cfg.transformer_heads)
+                                        cfg.vision_layers, cfg.vision_heads, cfg.embed_dim, cfg.activation)
+        self.transformer = Transformer(cfg.transformer_width, cfg.transformer_layers, cfg.transformer_heads,
+                                       cfg.activation)
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.transformer_width))
         self.ln_final = LayerNorm(cfg.transformer_width)
@@ -422,6 +433,7 @@ class CLIPConfig:
     vocab_size: int = 49408
     transformer_width: int = 512
     transformer_layers: int = 12
+    activation: str = "quick_gelu"  # of the MLPs, a key of ACTIVATIONS
 
     # The released models use 64-dimensional heads; build_model cannot read the head count
     # from the tensors, so it is derived from the width, here and there alike.
@@ -464,8 +476,9 @@ def _count_layers(state_dict: dict, prefix: str) -> int:
                 if k.startswith(prefix + ".") and k.endswith(".attn.in_proj_weight")})
 
 
-def build_model(state_dict: dict) -> CLIP:
-    """Build a CLIP whose every size is read off the tensors, and load the weights."""
+def build_model(state_dict: dict, activation: str = "quick_gelu") -> CLIP:
+    """Build a CLIP whose every size is read off the tensors (OpenAI's names), and load the
+    weights. The activation is not in the tensors: OpenAI's releases use QuickGELU."""
     sd = {k: v for k, v in state_dict.items()
           if k not in _NON_PARAMETER_KEYS and not k.endswith("attn_mask")}
     if "visual.layer1.0.conv1.weight" in sd or "visual.attnpool.positional_embedding" in sd:
@@ -490,7 +503,14 @@ def build_model(state_dict: dict) -> CLIP:
         vocab_size=sd["token_embedding.weight"].shape[0],
         transformer_width=sd["ln_final.weight"].shape[0],
         transformer_layers=_count_layers(sd, "transformer.resblocks"),
+        activation=activation,
     )
+    return load_weights(cfg, sd)
+
+
+def load_weights(cfg: CLIPConfig, sd: dict, source: str = "the state dict") -> CLIP:
+    """A CLIP of the sizes in cfg holding the tensors of sd (our names): every tensor there,
+    of the right shape, and nothing else, or one CLIPLoadError that lists what is wrong."""
     # Built on the meta device (no memory, no random init: the weights are about to be
     # replaced), then fp32 copies of the checkpoint's tensors become the parameters. The
     # copy keeps the model from sharing storage with the caller's state dict; fp16
@@ -498,10 +518,15 @@ def build_model(state_dict: dict) -> CLIP:
     sd = {k: v.to(torch.float32, copy=True) if v.is_floating_point() else v for k, v in sd.items()}
     with torch.device("meta"):
         model = CLIP(cfg)
-    try:
-        model.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as e:
-        raise CLIPLoadError(f"the state dict does not fit a CLIP of the sizes it implies ({cfg}): {e}") from None
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = [f"missing {k}" for k in want if k not in sd] + [f"unexpected {k}" for k in sd if k not in want]
+    problems += [f"{k} has shape {tuple(sd[k].shape)}, expected {want[k]}" for k in want
+                 if k in sd and tuple(sd[k].shape) != want[k]]
+    if problems:
+        more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
+        raise CLIPLoadError(f"{source} does not fit a CLIP of the sizes it implies ({cfg}): "
+                            f"{'; '.join(problems[:4])}{more}")
+    model.load_state_dict(sd, strict=True, assign=True)
     return model.eval()
 
 
@@ -565,34 +590,6 @@ def _download(name: str, root: Path) -> Path:
     return target
 
 
-def _read_state_dict(path: Path) -> dict:
-    """OpenAI's releases are TorchScript archives; fine-tuned or converted weights are
-    usually plain torch.save'd state dicts. Try the first, then the second.
-
-    What loading trusts: a plain state dict is read with weights_only=True (tensors and
-    plain containers only: it cannot run code). torch offers no weights-only reader for
-    TorchScript archives: torch.jit.load unpickles with TorchScript's own restricted
-    unpickler (no arbitrary Python objects) but compiles the TorchScript code inside the
-    archive. So only pass archives from a source you trust; the released names are
-    downloaded from OpenAI and checked against their SHA-256."""
-    errors = []
-    try:
-        return torch.jit.load(str(path), map_location="cpu").state_dict()
-    except Exception as e:  # noqa: BLE001 - any failure means "not a readable TorchScript archive"
-        errors.append(f"as TorchScript: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        errors.append(f"as a state dict: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-        raise CLIPLoadError(f"cannot read {path}: it is neither a TorchScript archive nor a torch "
-                            f"state dict (truncated or corrupt download?). Tried {'; '.join(errors)}") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]  # a training checkpoint that wraps the weights
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CLIPLoadError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
-    return obj
-
-
 def _to_rgb(image):
     return image.convert("RGB")
 
@@ -610,19 +607,205 @@ def preprocess_for(resolution: int):
     ])
 
 
-def load(name_or_path: str | Path, device: str | torch.device = "cpu",
-         download_root: str | Path | None = None):
+def load(name_or_path: str | Path, device: str | torch.device = "cpu", download_root: str | Path | None = None,
+         activation: str | None = None, trust_torchscript: bool = False):
     """-> (model, preprocess). A released name ('ViT-B/16', 'ViT-B/32', 'ViT-L/14') is
-    downloaded once into download_root (default ~/.cache/clip); a path may be an OpenAI
-    TorchScript archive or a plain state dict. The model comes back in fp32, in eval mode
-    (use autocast for mixed precision on a GPU)."""
+    downloaded once into download_root (default ~/.cache/clip) and checked against its
+    SHA-256. A path may be a Hugging Face CLIP folder (config.json + model.safetensors), a
+    state dict in OpenAI's names (.pt, .bin, .safetensors), or a TorchScript archive: one of
+    OpenAI's releases (by SHA-256), or any with trust_torchscript=True (see read_weights).
+
+    activation: "quick_gelu" or "gelu"; None takes what the file says (a Hugging Face
+    config.json, a .safetensors written by save_safetensors), else "quick_gelu" (OpenAI's).
+    A value that contradicts the file is refused. The model comes back in fp32, in eval mode."""
+    if activation is not None and activation not in ACTIVATIONS:
+        raise CLIPLoadError(f"unknown activation {activation!r}: expected one of {', '.join(ACTIVATIONS)}")
     if str(name_or_path) in _MODELS:
-        root = Path(download_root or Path.home() / ".cache" / "clip")
-        path = _download(str(name_or_path), root)
+        path = _download(str(name_or_path), Path(download_root or Path.home() / ".cache" / "clip"))
     else:
         path = Path(name_or_path)
-        if not path.is_file():
-            raise CLIPLoadError(f"no CLIP checkpoint at {path}: pass one of {', '.join(_MODELS)} "
-                                f"or the path of a checkpoint file (e.g. ViT-B-16.pt)")
-    model = build_model(_read_state_dict(path)).float().to(device)
-    return model, preprocess_for(model.visual.input_resolution)
+        if not path.exists():
+            raise CLIPLoadError(f"no CLIP checkpoint at {path}: pass one of {', '.join(_MODELS)}, the path of a "
+                                f"checkpoint file (e.g. ViT-B-16.pt) or a Hugging Face CLIP folder")
+    sd, cfg, stated = read_weights(path, trust_torchscript)
+    if stated is not None and activation is not None and stated != activation:
+        raise CLIPLoadError(f"{path} says its activation is {stated}; the activation asked for ({activation}, "
+                            f"--clip-activation) contradicts it: leave it out")
+    activation = stated or activation or "quick_gelu"
+    model = build_model(sd, activation) if cfg is None else load_weights(
+        dataclasses.replace(cfg, activation=activation), sd, str(path))
+    return model.float().to(device), preprocess_for(model.visual.input_resolution)
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Weights as users hold them: state dicts in OpenAI's names (.pt, .bin, .safetensors),
+#    Hugging Face transformers folders, and TorchScript archives only when trusted
+# ----------------------------------------------------------------------------------------
+
+_RELEASED_SHA256 = {url.split("/")[-2] for url in _MODELS.values()}
+
+
+def read_weights(path: Path, trust_torchscript: bool = False) -> tuple[dict, CLIPConfig | None, str | None]:
+    """-> (state dict in our names, the sizes a Hugging Face config.json gives or None, the
+    activation the file states or None).
+
+    What reading trusts: a state dict is read with weights_only=True or from .safetensors
+    (tensors only: it cannot run code). torch has no weights-only reader for TorchScript
+    archives: torch.jit.load compiles the TorchScript code inside. So an archive is read only
+    when its SHA-256 is one of OpenAI's releases or trust_torchscript is set; convert a
+    trusted one once with save_safetensors (lpi.py --convert-clip) and later runs trust nothing."""
+    if path.is_dir():
+        return _read_hf_folder(path)
+    if _is_torchscript(path):
+        if not trust_torchscript and _sha256(path) not in _RELEASED_SHA256:
+            raise CLIPLoadError(f"{path} is a TorchScript archive that is not one of OpenAI's releases (by SHA-256): "
+                                f"reading it would compile the code inside it. Pass --trust-torchscript "
+                                f"(trust_torchscript=True) only if you trust its source, and convert it once to a "
+                                f".safetensors file (lpi.py --convert-clip) so that later runs need no trust")
+        return torch.jit.load(str(path), map_location="cpu").state_dict(), None, None
+    sd, metadata = _read_tensors(path)
+    if any(k.startswith(("vision_model.", "text_model.")) for k in sd):  # a transformers model.safetensors
+        if not (path.parent / "config.json").is_file():
+            raise CLIPLoadError(f"{path} holds a Hugging Face CLIP's tensors, but there is no config.json beside it "
+                                f"(it says the activation and the sizes)")
+        cfg = _hf_config(path.parent)
+        return from_hf_state_dict(sd), cfg, cfg.activation
+    return sd, None, metadata.get("activation")
+
+
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives are zip files with the scripted code (code/, constants.pkl);
+    torch.save's zip files have neither."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any("/code/" in n or n.endswith("/constants.pkl") for n in z.namelist())
+
+
+def _read_tensors(path: Path) -> tuple[dict, dict]:
+    """A state dict and its metadata, from .safetensors or a torch.save'd file (read with
+    weights_only=True); a training checkpoint {"state_dict": ...} gives its state dict."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CLIPLoadError(f"cannot read {path} as .safetensors (truncated or corrupt download?): {e}") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt, or not a torch file at all
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CLIPLoadError(f"cannot read {path}: it is neither a TorchScript archive nor a torch state dict "
+                            f"(truncated or corrupt download?). Detail: {detail}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CLIPLoadError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
+    return obj, {}
+
+
+def save_safetensors(model: CLIP, path: str | Path) -> None:
+    """The model as a .safetensors state dict in OpenAI's names that records its activation:
+    what load() reads back without trusting anything."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path), metadata={"format": "pt", "activation": model.cfg.activation})
+
+
+# Hugging Face transformers' CLIPModel: its names onto ours (OpenAI's), in one table. Per
+# block, q, k and v are three Linear layers there and one stacked in_proj here (as in
+# nn.MultiheadAttention); the two projections are Linear weights (E, W) there, (W, E) here.
+_HF_TOWERS = {"vision_model.encoder.layers": "visual.transformer.resblocks",
+              "text_model.encoder.layers": "transformer.resblocks"}
+_HF_BLOCK = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+             "self_attn.out_proj": "attn.out_proj"}
+_HF_NAMES = {"logit_scale": "logit_scale",
+             "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+             "text_model.embeddings.position_embedding.weight": "positional_embedding",
+             "text_model.final_layer_norm": "ln_final",
+             "vision_model.embeddings.class_embedding": "visual.class_embedding",
+             "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
+             "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+             "vision_model.pre_layrnorm": "visual.ln_pre", "vision_model.post_layernorm": "visual.ln_post"}
+_HF_TRANSPOSED = {"visual_projection.weight": "visual.proj", "text_projection.weight": "text_projection"}
+_HF_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_HF_BUFFERS = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
+
+
+def _hf_name(key: str) -> str | None:
+    """Our name of a transformers CLIPModel tensor; None for q / k / v (stacked apart). A name
+    without a counterpart stays as it is, so that load_weights reports it as unexpected."""
+    module, _, part = key.rpartition(".")
+    for theirs, ours in _HF_TOWERS.items():
+        if key.startswith(theirs + "."):
+            i, _, module = module[len(theirs) + 1:].partition(".")
+            return None if module in _HF_QKV else f"{ours}.{i}.{_HF_BLOCK.get(module, module)}.{part}"
+    if key in _HF_NAMES:
+        return _HF_NAMES[key]
+    return f"{_HF_NAMES[module]}.{part}" if module in _HF_NAMES else _HF_TRANSPOSED.get(key, key)
+
+
+def from_hf_state_dict(hf: dict) -> dict:
+    """A transformers CLIPModel state dict -> ours (a q, k or v missing leaves in_proj missing)."""
+    sd = {_hf_name(k): v.t() if k in _HF_TRANSPOSED else v for k, v in hf.items() if k not in _HF_BUFFERS}
+    sd.pop(None, None)
+    for theirs, ours in _HF_TOWERS.items():
+        for i in {k[len(theirs) + 1:].split(".")[0] for k in hf if k.startswith(theirs + ".")}:
+            for part in ("weight", "bias"):
+                qkv = [hf.get(f"{theirs}.{i}.{m}.{part}") for m in _HF_QKV]
+                if all(t is not None for t in qkv) and len({t.shape[1:] for t in qkv}) == 1:
+                    sd[f"{ours}.{i}.attn.in_proj_{part}"] = torch.cat(qkv)     # (3W, W) / (3W,)
+    return sd
+
+
+# transformers' defaults, which save_pretrained leaves out of config.json.
+_HF_DEFAULTS = {"text": dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                             num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu",
+                             layer_norm_eps=1e-5),
+                "vision": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                               image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)}
+
+
+def _hf_config(folder: Path) -> CLIPConfig:
+    """The sizes and the activation of a transformers CLIP, from its config.json; what our
+    blocks cannot be (heads other than 64 wide, another MLP ratio or LayerNorm eps) is refused."""
+    path = folder / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CLIPLoadError(f"{path} is not a readable JSON file ({e})") from None
+    if not isinstance(raw, dict) or raw.get("model_type") != "clip":
+        kind = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
+        raise CLIPLoadError(f"{path} describes a {kind!r} model, not a CLIP (model_type 'clip')")
+    towers = {t: dict(_HF_DEFAULTS[t], **(raw.get(f"{t}_config") or {})) for t in _HF_DEFAULTS}
+    activations = {c["hidden_act"] for c in towers.values()}
+    if len(activations) > 1 or not activations <= set(ACTIVATIONS):
+        raise CLIPLoadError(f"{path}: hidden_act {' / '.join(sorted(activations))}; expected one of "
+                            f"{', '.join(ACTIVATIONS)}, the same in both towers")
+    for name, c in towers.items():
+        if (c["hidden_size"] != 64 * c["num_attention_heads"] or c["intermediate_size"] != 4 * c["hidden_size"]
+                or c["layer_norm_eps"] != 1e-5):
+            raise CLIPLoadError(f"{path}: the {name} tower has heads {c['hidden_size'] // c['num_attention_heads']} "
+                                f"wide, an MLP of {c['intermediate_size']} for width {c['hidden_size']} and LayerNorm eps "
+                                f"{c['layer_norm_eps']}; this CLIP has 64-wide heads, a 4x MLP and eps 1e-5")
+    text, vision = towers["text"], towers["vision"]
+    return CLIPConfig(embed_dim=raw.get("projection_dim", 512), image_resolution=vision["image_size"],
+                      vision_layers=vision["num_hidden_layers"], vision_width=vision["hidden_size"],
+                      vision_patch_size=vision["patch_size"], context_length=text["max_position_embeddings"],
+                      vocab_size=text["vocab_size"], transformer_width=text["hidden_size"],
+                      transformer_layers=text["num_hidden_layers"], activation=activations.pop())
+
+
+def _read_hf_folder(folder: Path) -> tuple[dict, CLIPConfig, str]:
+    """A transformers CLIP folder: config.json and model.safetensors (or pytorch_model.bin)."""
+    if not (folder / "config.json").is_file():
+        raise CLIPLoadError(f"{folder} is a folder without config.json: a Hugging Face CLIP folder holds "
+                            f"config.json and model.safetensors")
+    weights = next((folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()), None)
+    if weights is None:
+        raise CLIPLoadError(f"{folder} has a config.json but no model.safetensors (or pytorch_model.bin)")
+    cfg = _hf_config(folder)
+    return from_hf_state_dict(_read_tensors(weights)[0]), cfg, cfg.activation
