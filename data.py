@@ -14,6 +14,7 @@ recipe's sampling and augmentation.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import random
@@ -571,24 +572,30 @@ _TINY_CLIPS: dict[tuple, clip_model.CLIP] = {}  # read (and decompressed) once p
 
 
 def load_backbone(s, device: torch.device) -> tuple[clip_model.CLIP, Callable, bool]:
-    """s.clip (lpi.RunConfig) -> (CLIP, preprocess, is_tiny). random:NAME is NAME's architecture with random weights
-    (seeded by s.seed): for smoke tests and timings where no checkpoint can be downloaded."""
+    """s.clip (lpi.RunConfig) -> (CLIP, preprocess, is_tiny), with the MLP activation that
+    s.clip_activation asks for or the file says (clip_model.load). random:NAME is NAME's
+    architecture with random weights (seeded by s.seed): for smoke tests and timings where no
+    checkpoint can be downloaded."""
     if s.clip.startswith("random:"):
         name = s.clip.partition(":")[2]
         if name not in clip_model.ARCHITECTURES:
             raise LPIError(f"--clip {s.clip}: unknown architecture; expected random: followed by one of "
                            f"{', '.join(clip_model.ARCHITECTURES)}")
         torch.manual_seed(s.seed)
-        arch = clip_model.ARCHITECTURES[name]
+        arch = dataclasses.replace(clip_model.ARCHITECTURES[name], activation=s.clip_activation or "quick_gelu")
         return clip_model.CLIP(arch).requires_grad_(False).eval().to(device), clip_model.preprocess_for(arch.image_resolution), False
     if s.clip == "tiny":
+        if s.clip_activation not in (None, clip_model.TINY.activation):
+            raise LPIError(f"--clip-activation {s.clip_activation}: the tiny CLIP was trained with "
+                           f"{clip_model.TINY.activation}; leave the flag out")
         key = (str(s.cache_dir), s.pretrain_steps, str(device))
         if key not in _TINY_CLIPS:
             _TINY_CLIPS[key] = world.load_or_build_tiny_clip(s.cache_dir, steps=s.pretrain_steps, progress=s.progress,
                                                              device=device, workers=s.workers)
         model = copy.deepcopy(_TINY_CLIPS[key]).to(device)
         return model, clip_model.preprocess_for(model.visual.input_resolution), True
-    model, preprocess = clip_model.load(s.clip, device=device)
+    model, preprocess = clip_model.load(s.clip, device=device, activation=s.clip_activation,
+                                        trust_torchscript=s.trust_torchscript)
     return model, preprocess, False
 
 
@@ -597,6 +604,22 @@ def load_tasks(s) -> list[Task]:
     sizes = dict(n_train=s.max_train_per_task, n_test=s.max_test_per_task)
     tasks = parse_task_specs(s.tasks, s.data_root, {n: partial(BUILTIN_TASKS[n], **sizes) for n in BUILTIN_TASKS})
     return [subsample_task(t, s.max_train_per_task, s.max_test_per_task, s.seed) for t in tasks]
+
+
+def convert_clip(s, path: Path) -> int:
+    """--convert-clip: s.clip (read as --clip reads it, trusting what --trust-torchscript
+    allows) written to path as a .safetensors state dict that records its activation, so that
+    later runs read it without trusting anything."""
+    if s.clip == "tiny" or s.clip.startswith("random:"):
+        raise LPIError(f"--convert-clip converts a CLIP checkpoint file or folder, not --clip {s.clip}")
+    if path.suffix != ".safetensors":
+        raise LPIError(f"--convert-clip {path}: the file name must end in .safetensors")
+    model, _, _ = load_backbone(s, torch.device("cpu"))
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    clip_model.save_safetensors(model, tmp)
+    os.replace(tmp, path)  # a complete file or none
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, activation {model.cfg.activation})")
+    return 0
 
 
 def export_tiny_clip(s, path: Path) -> int:

@@ -47,8 +47,8 @@ import clip_model
 import reporting
 from reporting import grad_norms, prompt_scale
 from baselines import L2P, L2PConfig, PromptPool
-from data import (BUILTIN_TASKS, ImageCaptionSet, Task, augment_tensors, export_tiny_clip, image_batches, in_batches,
-                  load_backbone, load_tasks, train_transform, training_pairs, union)
+from data import (BUILTIN_TASKS, ImageCaptionSet, Task, augment_tensors, convert_clip, export_tiny_clip, image_batches,
+                  in_batches, load_backbone, load_tasks, train_transform, training_pairs, union)
 from run_support import (POSITIVE, PRECISIONS, Dist, LPIError, add_switches, all_reduce_ints, at_least, atomic_write,
                          autocast, average_gradients, broadcast_, check_finite, check_switches, default_precision, from_values,
                          gather_rows, gather_with_grad, init_distributed, latest_checkpoint, pick_device,
@@ -1292,8 +1292,16 @@ class RunConfig:
                         f"({', '.join(BUILTIN_TASKS)}), coco, flickr, coco:supercategory (the paper's 12 tasks)")
     data_root: str | None = switch(None, "folder with coco/ and flickr30k/ in the Karpathy layout", type=str)
     clip: str = switch("tiny", "tiny (the built-in world's, shipped), ViT-B/16, ViT-B/32, ViT-L/14 (OpenAI's "
-                       "weights, downloaded once), the path of a CLIP checkpoint, or random:NAME (NAME's "
-                       "architecture with random weights, for smoke tests and timings)")
+                       "weights, downloaded once), the path of a CLIP checkpoint (.safetensors, .pt, .bin; a "
+                       "TorchScript archive only if trusted) or of a Hugging Face CLIP folder, or random:NAME "
+                       "(NAME's architecture with random weights, for smoke tests and timings)")
+    clip_activation: str | None = switch(None, "the CLIP's MLP activation: quick_gelu (OpenAI's releases) or gelu "
+                                         "(LAION / DataComp: open_clip names without -quickgelu); default: what the "
+                                         "file says (Hugging Face config.json, --convert-clip output), else quick_gelu",
+                                         choices=tuple(clip_model.ACTIVATIONS), type=str)
+    trust_torchscript: bool = switch(False, "read a TorchScript archive that is not one of OpenAI's releases: it "
+                                     "compiles the code inside (convert it once with --convert-clip instead)",
+                                     resume_free=True)
     cache_dir: str = switch(os.environ.get("LPI_CACHE", str(Path.home() / ".cache" / "lpi")),
                             "where the tiny CLIP is cached (env LPI_CACHE)", resume_free=True)
     pretrain_steps: int = switch(world.PRETRAIN_DEFAULTS["steps"], "steps of contrastive pre-training of the tiny "
@@ -1380,7 +1388,7 @@ def run(s: RunConfig | None = None, cfg: LPIConfig | None = None) -> dict:
     d, device = init_distributed(pick_device(s.device))
     try:
         clip, preprocess, tiny = load_backbone(s, device)
-        s, cfg = fill_defaults(s, cfg, tiny)
+        s, cfg = fill_defaults(dataclasses.replace(s, clip_activation=clip.cfg.activation), cfg, tiny)
         tasks = load_tasks(s)
         env = Env(device, preprocess, d, default_precision(device) if s.precision == "auto" else s.precision)
         config = dict(dataclasses.asdict(s), **dataclasses.asdict(cfg), processes=d.world)  # global batch: processes x batch
@@ -1434,6 +1442,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "arguments: the whole method on the built-in tasks with a tiny CLIP, on the CPU.")
     add_switches(p.add_argument_group("method (METHOD.md §1-6); each component has one switch"), LPIConfig)
     add_switches(p.add_argument_group("run: method, data and backbone, training, where it runs and writes"), RunConfig)
+    p.add_argument("--convert-clip", metavar="PATH", default=None,
+                   help="read --clip and write it to PATH (.safetensors) as a plain state dict that records its "
+                        "activation, so that later runs need no trust; then exit")
     p.add_argument("--export-tiny-clip", metavar="PATH", default=None,
                    help="pre-train the tiny CLIP with --pretrain-steps (or take it from the cache), write it "
                         "to PATH in the shipped format (tiny_clip.pt.xz), and exit")
@@ -1445,9 +1456,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     s, cfg = from_values(RunConfig, args), from_values(LPIConfig, args)
     try:
-        if args.export_tiny_clip:
+        if args.export_tiny_clip or args.convert_clip:
             check_switches(s)
-            return export_tiny_clip(s, Path(args.export_tiny_clip))
+            return (export_tiny_clip(s, Path(args.export_tiny_clip)) if args.export_tiny_clip
+                    else convert_clip(s, Path(args.convert_clip)))
         results = run(s, cfg)
         if int(os.environ.get("RANK", "0")) != 0:
             return 0

@@ -109,6 +109,7 @@ def plot_retrievals(tasks: list, pools: dict, path: Path, n_queries: int = 4, to
     from matplotlib.figure import Figure
 
     first = next(iter(pools.values()))
+    top = min(top, len(first.img))                                        # a pool smaller than the row
     T = int(first.cap_task.max()) + 1
     picks = sorted({round(i * (T - 1) / max(1, n_queries - 1)) for i in range(n_queries)})
     queries = [int((first.cap_task == k).nonzero()[0]) for k in picks]      # each task's first caption
