@@ -226,3 +226,22 @@ def make_flickr_fixture(root: str, n_train: int = 10, n_test: int = 6, n_val: in
             fx.corrupt.append(path)
     _write_json(os.path.join(root, "flickr30k", "dataset_flickr30k.json"), {"images": entries, "dataset": "flickr30k"})
     return fx
+
+
+def make_hf_clip(folder, activation: str = "gelu", seed: int = 0, image_size: int = 64):
+    """A small transformers.CLIPModel with random weights, saved with save_pretrained into
+    folder (config.json + model.safetensors), as Hugging Face CLIP folders sit on a disk.
+    64-wide heads, a 4x MLP (as CLIP's); weights 5x transformers' initial scale, so that the
+    MLPs' inputs reach where QuickGELU and GELU differ. Returns the model (eval mode)."""
+    import torch
+    from transformers import CLIPConfig as HFConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    sizes = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
+                 hidden_act=activation)
+    cfg = HFConfig(text_config=dict(sizes, vocab_size=49408, max_position_embeddings=77),
+                   vision_config=dict(sizes, image_size=image_size, patch_size=16), projection_dim=64,
+                   initializer_factor=5.0)
+    model = CLIPModel(cfg).eval()
+    model.save_pretrained(str(folder))
+    return model

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 import lpi
-from fixtures import make_coco_fixture, make_flickr_fixture
+from fixtures import make_coco_fixture, make_flickr_fixture, make_hf_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,8 +126,43 @@ def missing_instances(tmp: Path) -> list[str]:
     return ["--tasks", "coco:supercategory", "--data-root", str(tmp / "data"), "--out", str(tmp / "out"), *QUICK]
 
 
+def hf_clip(tmp: Path, edit_tensors=None, edit_config=None) -> list[str]:
+    """A small Hugging Face CLIP folder (GELU), its tensors or config.json edited; the
+    arguments of a built-in run on it."""
+    from safetensors.torch import load_file, save_file
+
+    make_hf_clip(tmp / "hf", "gelu", image_size=32)
+    if edit_tensors:
+        tensors = load_file(str(tmp / "hf" / "model.safetensors"))
+        edit_tensors(tensors)
+        save_file(tensors, str(tmp / "hf" / "model.safetensors"))
+    if edit_config:
+        config = json.loads((tmp / "hf" / "config.json").read_text())
+        edit_config(config)
+        (tmp / "hf" / "config.json").write_text(json.dumps(config))
+    return [*BUILTIN, "--clip", str(tmp / "hf"), "--depth", "2", "--length", "2", "--out", str(tmp / "out")]
+
+
+def untrusted_archive(tmp: Path) -> list[str]:
+    """A TorchScript archive that is not one of OpenAI's releases."""
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(tmp / "archive.pt"))
+    return [*BUILTIN, "--clip", str(tmp / "archive.pt"), "--out", str(tmp / "out")]
+
+
+def both_towers(key: str, value):
+    def edit(config):
+        for tower in ("text_config", "vision_config"):
+            config[tower][key] = value
+    return edit
+
+
 def a_file(tmp: Path, name: str, content: bytes = b"junk") -> Path:
     (tmp / name).write_bytes(content)
+    return tmp / name
+
+
+def a_dir(tmp: Path, name: str) -> Path:
+    (tmp / name).mkdir()
     return tmp / name
 
 
@@ -191,6 +226,23 @@ CASES = [
          ("random:ViT-X/3", "ViT-B/16")),
     Case("backbone file missing", lambda t: [*BUILTIN, "--clip", str(t / "missing.pt"), "--out", str(t / "out")],
          ("missing.pt",)),
+    # --- CLIP weights as users hold them
+    Case("CLIP folder without config.json", lambda t: [*BUILTIN, "--clip", str(a_dir(t, "hf")), "--out", str(t / "out")],
+         ("config.json",)),
+    Case("Hugging Face CLIP with a tensor missing", lambda t: hf_clip(t, lambda d: d.pop("visual_projection.weight")),
+         ("missing visual.proj",)),
+    Case("Hugging Face CLIP with a misshapen tensor",
+         lambda t: hf_clip(t, lambda d: d.update({"text_model.final_layer_norm.weight": torch.ones(7)})),
+         ("ln_final.weight has shape (7,)",)),
+    Case("Hugging Face config with an unknown activation",
+         lambda t: hf_clip(t, edit_config=both_towers("hidden_act", "relu")), ("hidden_act relu",)),
+    Case("activation contradicting config.json", lambda t: [*hf_clip(t), "--clip-activation", "quick_gelu"],
+         ("contradicts", "gelu")),
+    Case("unknown activation", lambda t: [*BUILTIN, "--clip-activation", "relu", "--out", str(t / "out")],
+         ("invalid choice", "relu")),
+    Case("GELU asked of the tiny CLIP", lambda t: [*BUILTIN, "--clip-activation", "gelu", "--out", str(t / "out")],
+         ("quick_gelu",)),
+    Case("untrusted TorchScript archive", untrusted_archive, ("not one of OpenAI's releases", "--trust-torchscript")),
     # --- the output folder
     Case("output folder under a file", lambda t: [*BUILTIN, "--out", str(a_file(t, "file") / "run")],
          ("cannot be created",)),

@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import clip_model  # noqa: E402
 from clip_model import CLIPLoadError, TINY  # noqa: E402
 
-# load() tries torch.jit.load first (OpenAI's releases are TorchScript), which torch now flags
-# as deprecated on every call; the notice says nothing about the checkpoint under test.
+# Reading a TorchScript archive (OpenAI's releases are TorchScript) calls torch.jit.load, which
+# torch now flags as deprecated on every call; the notice says nothing about the checkpoint.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 
 
@@ -97,11 +97,11 @@ def state_dict_file(tmp_path_factory, source):
 # ---------------------------------------------------------------------------------------
 
 def test_torchscript_archive(torchscript_file, source, batch):
-    """A traced TorchScript archive with OpenAI's extra scalars (and an attn_mask) loads
-    into a model equal to the one traced."""
+    """A traced TorchScript archive with OpenAI's extra scalars (and an attn_mask) loads,
+    when trusted (it is not one of OpenAI's releases), into a model equal to the one traced."""
     keys = torch.jit.load(str(torchscript_file)).state_dict().keys()
     assert {"input_resolution", "context_length", "vocab_size", "attn_mask"} <= set(keys)
-    model, _ = clip_model.load(torchscript_file)
+    model, _ = clip_model.load(torchscript_file, trust_torchscript=True)
     _assert_same_model(model, source, batch)
 
 
