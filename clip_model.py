@@ -620,8 +620,9 @@ def load(name_or_path: str | Path, device: str | torch.device = "cpu", download_
     A value that contradicts the file is refused. The model comes back in fp32, in eval mode."""
     if activation is not None and activation not in ACTIVATIONS:
         raise CLIPLoadError(f"unknown activation {activation!r}: expected one of {', '.join(ACTIVATIONS)}")
-    if str(name_or_path) in _MODELS:
+    if str(name_or_path) in _MODELS:  # _download checked its SHA-256: a release, trusted as such
         path = _download(str(name_or_path), Path(download_root or Path.home() / ".cache" / "clip"))
+        trust_torchscript = True
     else:
         path = Path(name_or_path)
         if not path.exists():

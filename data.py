@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 import builtin_world as world
 import clip_model
-from run_support import LPIError, pick_device
+from run_support import LPIError, atomic_write, pick_device
 
 
 @dataclass
@@ -615,9 +615,7 @@ def convert_clip(s, path: Path) -> int:
     if path.suffix != ".safetensors":
         raise LPIError(f"--convert-clip {path}: the file name must end in .safetensors")
     model, _, _ = load_backbone(s, torch.device("cpu"))
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    clip_model.save_safetensors(model, tmp)
-    os.replace(tmp, path)  # a complete file or none
+    atomic_write(path, lambda tmp: clip_model.save_safetensors(model, tmp))  # a complete file or none
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, activation {model.cfg.activation})")
     return 0
 

@@ -17,7 +17,6 @@ import pickle
 import socket
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -315,18 +314,11 @@ def add_switches(group, table) -> None:
             group.add_argument(*flags, dest=f.name, default=f.default, help=f.metadata["help"], **kw)
 
 
-def from_values(table: type, values) -> object:
+def from_values(table: type, values: dict | argparse.Namespace) -> object:
     """A switch table filled from a dict (a stored config) or an argparse Namespace; a
     missing row raises KeyError."""
-    get = values.__getitem__ if isinstance(values, dict) else partial(_attribute, values)
-    return table(**{f.name: get(f.name) for f in dataclasses.fields(table)})
-
-
-def _attribute(obj, name: str):
-    try:
-        return getattr(obj, name)
-    except AttributeError:
-        raise KeyError(name) from None
+    values = values if isinstance(values, dict) else vars(values)
+    return table(**{f.name: values[f.name] for f in dataclasses.fields(table)})
 
 
 # ---------------------------------------------------------------------------------------
