@@ -1185,7 +1185,6 @@ def save_checkpoint(model: LPI, out: Path, config: dict, p: Progress) -> None:
     save_json(out / "results.json", p.results)
 
 
-
 # ========================================================================================
 # §7  The methods of the paper's comparison, and what each trains and stores
 # ========================================================================================
