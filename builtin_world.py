@@ -1,20 +1,28 @@
 """The built-in world: a miniature of the paper's COCO protocol that runs on a CPU in minutes.
 
-COCO's super-category tasks differ in *content*: each is a family of objects with its own
-nouns, some families are related (animal / person) and some are not (food / vehicle), and
-a web-scale CLIP knows all of their words but not every setting it meets them in. This
-module draws a small copy of that, deterministic by seed, with no file to download:
+COCO's super-category tasks differ in *content*, and they overlap: "a man holding a frisbee
+next to a dog" belongs to one task (the super-category covering most of its area) but shares
+words and a scene with items of others, so every query competes with look-alikes of other
+tasks, and the task of a query cannot always be told from the frozen features. This module
+draws a small copy of that, deterministic by seed, with no file to download:
 
-- six tasks, each a family of three objects with nouns of its own, in a setting of its own
+- six tasks, each a family of three objects with nouns of its own, and a setting of its own
   (under water, a meadow, soil, kitchen tiles, a road at night, a foggy harbour) whose light
   changes how colours look. The families come in three related pairs: their names share a
   word ("sea animals", "farm animals") and their objects an outline (animals round, tools a
-  diamond, vehicles a wide box); the pairs share nothing with each other;
+  diamond, vehicles a wide box);
+- the tasks overlap in three partner pairs that cross the related ones (sea animals and water
+  vehicles, farm animals and garden tools, kitchen tools and road vehicles): a picture of a
+  task is taken in its partner's setting some of the time (in its own light), and its second
+  object is often of the partner's family. A picture belongs to the task of its larger
+  object, as COCO gives an image to the super-category of largest area; its caption names
+  both objects and never says which is larger. So neither a background nor a caption gives
+  a task away for certain;
 - captions are compositional: two objects, each with a colour, and where they are ("a red
-  fish left of a blue crab under water"), so that retrieval inside a task needs every word;
+  fish left of a blue boat in a foggy harbour"), so that retrieval inside a task needs every word;
 - a tiny CLIP pre-trained here on a mixture that holds every noun, colour, relation, setting
   and family name of the world: fine captions in plain light, coarse ones ("a fish and a
-  crab under water") in the settings. It knows the world broadly but has never read a
+  boat in a foggy harbour") in the settings. It knows the world broadly but has never read a
   colour in a setting's light: that is what each task's prompts have to learn.
 
 lpi.py holds the method, the loop, the real-data loaders and the command line; it imports
@@ -39,8 +47,9 @@ import torch
 import clip_model
 
 # Bump when the drawing, the captions or the pre-training mixture change: it is part of the
-# tiny CLIP's key, so a backbone made for another world is never picked up.
-DATA_VERSION = 4
+# tiny CLIP's key, so a backbone made for another world is never picked up. 5: world v3
+# (tasks overlap: partner settings, objects of the partner family, a larger object per picture).
+DATA_VERSION = 5
 IMAGE_SIZE = 32
 
 
@@ -52,29 +61,29 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
 
 
 # ========================================================================================
-# The vocabulary: six families in three related pairs
+# The vocabulary: six families in three related pairs, and three partner pairs
 # ========================================================================================
 
 @dataclass(frozen=True)
 class Family:
     """One task's content: a readable name, three object nouns, the kind it shares with
-    its related family (which fixes the outline of its objects), and its setting."""
+    its related family (which fixes the outline of its objects), its setting, and its partner:
+    the family whose setting and objects its pictures share."""
     name: str                 # task name on the command line
     label: str                # readable name, for the task similarity (lpi.TASK_NAME_TEMPLATE)
     nouns: tuple[str, ...]
     kind: str                 # "animals", "tools" or "vehicles"
     setting: str              # a key of SETTINGS
-    phrase: str               # how captions name the setting, as COCO captions say "in a kitchen"
+    partner: str              # the name of the partner family
 
 
 FAMILIES = {f.name: f for f in (
-    Family("sea-animals", "sea animals", ("fish", "crab", "whale"), "animals", "underwater", "under water"),
-    Family("farm-animals", "farm animals", ("cow", "pig", "sheep"), "animals", "meadow", "on a meadow"),
-    Family("garden-tools", "garden tools", ("rake", "spade", "shears"), "tools", "soil", "on the soil"),
-    Family("kitchen-tools", "kitchen tools", ("knife", "spoon", "kettle"), "tools", "tiles", "on kitchen tiles"),
-    Family("road-vehicles", "road vehicles", ("car", "bus", "truck"), "vehicles", "night road", "on a road at night"),
-    Family("water-vehicles", "water vehicles", ("boat", "ship", "canoe"), "vehicles", "foggy harbour",
-           "in a foggy harbour"),
+    Family("sea-animals", "sea animals", ("fish", "crab", "whale"), "animals", "underwater", "water-vehicles"),
+    Family("farm-animals", "farm animals", ("cow", "pig", "sheep"), "animals", "meadow", "garden-tools"),
+    Family("garden-tools", "garden tools", ("rake", "spade", "shears"), "tools", "soil", "farm-animals"),
+    Family("kitchen-tools", "kitchen tools", ("knife", "spoon", "kettle"), "tools", "tiles", "road-vehicles"),
+    Family("road-vehicles", "road vehicles", ("car", "bus", "truck"), "vehicles", "night road", "kitchen-tools"),
+    Family("water-vehicles", "water vehicles", ("boat", "ship", "canoe"), "vehicles", "foggy harbour", "sea-animals"),
 )}
 NOUNS = tuple(n for f in FAMILIES.values() for n in f.nouns)               # 18, family by family
 COLOURS = {  # name -> RGB in [0, 1]
@@ -82,11 +91,17 @@ COLOURS = {  # name -> RGB in [0, 1]
     "yellow": (0.92, 0.86, 0.20),
 }
 COLOUR_NAMES = tuple(COLOURS)
-HALF = 7.5  # half the side of an object's box, in pixels: 15 of a cell's 16
+
+# How the tasks overlap (world v3). Set once, before any method was compared on the world, so
+# that the pool of all seen tasks and the routing matter (README, "What python lpi.py shows").
+MIXED = 0.4           # share of a task's pictures whose second object is of the partner family
+IN_PARTNER_SETTING = 0.4  # share of a task's pictures seen in the partner's setting
+HALF = 7.5            # half the side of the larger object's box, in pixels: 15 of a cell's 16
+HALF_SMALL = 5.0      # half the side of the smaller object's box
 
 
 # ----------------------------------------------------------------------------------------
-# Looks: every object fills one 16 x 16 cell of the picture. Its outline is its kind's
+# Looks: every object sits in one 16 x 16 cell of the picture. Its outline is its kind's
 # (related families share it: animals round, tools a diamond, vehicles a wide box) and
 # its surface pattern is its own (stripes of four orientations, a checkerboard, solid),
 # so each noun is told apart from its family by the pattern and from the other kinds by
@@ -120,7 +135,8 @@ def looks() -> list[tuple[str, int]]:
 
 
 # ========================================================================================
-# Scenes: two objects, each a (noun, colour), side by side or one above the other
+# Scenes: two objects, each a (noun, colour, size), side by side or one above the other,
+# in a setting
 # ========================================================================================
 
 @dataclass
@@ -129,44 +145,91 @@ class Scenes:
     noun: torch.Tensor      # (N, 2) index into NOUNS
     colour: torch.Tensor    # (N, 2) index into COLOUR_NAMES
     vertical: torch.Tensor  # (N,) bool: object 0 above object 1 (else left of it)
+    small: torch.Tensor     # (N, 2) bool: the object is drawn small (HALF_SMALL)
+    setting: torch.Tensor   # (N,) index into SETTING_NAMES: the background and the caption's phrase
+    light: torch.Tensor     # (N,) index into SETTING_NAMES: whose light the objects are seen in
 
     def __len__(self) -> int:
         return len(self.vertical)
 
+    def __getitem__(self, idx) -> "Scenes":
+        return Scenes(self.noun[idx], self.colour[idx], self.vertical[idx], self.small[idx], self.setting[idx],
+                      self.light[idx])
 
-def sample_scenes(nouns: torch.Tensor, n: int, g: torch.Generator,
-                  exclude: torch.Tensor | None = None) -> tuple[Scenes, torch.Tensor]:
-    """n distinct scenes whose objects are drawn from `nouns` (indices into NOUNS); the two
-    objects never share a colour, so colours alone cannot match a caption. Distinct while n
-    fits the valid scenes, beyond that with repeats. `exclude` (codes) keeps e.g. a task's
-    test scenes out of its training set. Returns (scenes, codes)."""
-    n_obj = len(nouns) * len(COLOURS)                                      # (noun, colour) pairs
-    codes = torch.randperm(n_obj * n_obj * 2, generator=g)                 # (object 0, object 1, vertical)
-    obj0, obj1 = (codes // 2) // n_obj, (codes // 2) % n_obj
-    valid = obj0 // len(nouns) != obj1 // len(nouns)                       # different colours
-    if exclude is not None:
-        valid &= ~torch.isin(codes, exclude)
-    codes = codes[valid]
-    if n > len(codes):
-        codes = codes[torch.randint(len(codes), (n,), generator=g)]
-    codes = codes[:n]
-    obj = torch.stack([(codes // 2) // n_obj, (codes // 2) % n_obj], dim=1)   # (n, 2)
-    scenes = Scenes(noun=nouns[obj % len(nouns)], colour=obj // len(nouns),
-                    vertical=(codes % 2).bool())
-    return scenes, codes
+    def codes(self) -> torch.Tensor:
+        """(N,) one integer per caption: scenes with equal codes read the same (the caption
+        says nothing of size)."""
+        n_obj = len(NOUNS) * len(COLOURS)
+        obj = self.noun * len(COLOURS) + self.colour                                  # (N, 2)
+        return ((obj[:, 0] * n_obj + obj[:, 1]) * 2 + self.vertical.long()) * len(SETTING_NAMES) + self.setting
+
+
+def two_colours(n: int, g: torch.Generator) -> torch.Tensor:
+    """(n, 2) colour indices, never equal, so that colours alone cannot match a caption."""
+    first = torch.randint(len(COLOURS), (n,), generator=g)
+    return torch.stack([first, (first + torch.randint(1, len(COLOURS), (n,), generator=g)) % len(COLOURS)], 1)
+
+
+def pick(choices: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
+    """n draws from a 1-D tensor of choices, uniformly."""
+    return choices[torch.randint(len(choices), (n,), generator=g)]
+
+
+def family_nouns(name: str) -> torch.Tensor:
+    """Indices into NOUNS of a family's nouns."""
+    return torch.tensor([NOUNS.index(n) for n in FAMILIES[name].nouns])
+
+
+def task_scenes(name: str, n: int, g: torch.Generator) -> Scenes:
+    """n scenes of task `name`: a larger object of its family beside a smaller one, of its
+    partner's family with probability MIXED (else of its own), left / right or top / bottom at
+    random; in its partner's setting with probability IN_PARTNER_SETTING (else its own), and
+    always in its own setting's light (the task's light: see SETTINGS)."""
+    fam = FAMILIES[name]
+    partner = FAMILIES[fam.partner]
+    main = pick(family_nouns(name), n, g)                                            # (n,) the larger object
+    mixed = torch.rand(n, generator=g) < MIXED
+    second = torch.where(mixed, pick(family_nouns(partner.name), n, g), pick(family_nouns(name), n, g))
+    main_first = torch.rand(n, generator=g) < 0.5                                    # the larger one is object 0
+    noun = torch.where(main_first[:, None], torch.stack([main, second], 1), torch.stack([second, main], 1))
+    away = torch.rand(n, generator=g) < IN_PARTNER_SETTING
+    setting = torch.where(away, SETTING_NAMES.index(partner.setting), SETTING_NAMES.index(fam.setting))
+    return Scenes(noun, two_colours(n, g), torch.rand(n, generator=g) < 0.5,
+                  torch.stack([~main_first, main_first], 1), setting,
+                  torch.full((n,), SETTING_NAMES.index(fam.setting)))                       # the task's own light
+
+
+def distinct(draw: Callable[[int], Scenes], n: int, exclude: torch.Tensor | None = None,
+             unique: bool = True) -> Scenes:
+    """n scenes from `draw`, none whose caption is in `exclude` (codes), all with different
+    captions if `unique`. Draws in rounds, keeping the first acceptable scenes in order."""
+    kept, seen = [], set() if exclude is None else set(exclude.tolist())
+    while sum(map(len, kept)) < n:
+        batch = draw(2 * n + 16)
+        ok = []
+        for i, c in enumerate(batch.codes().tolist()):
+            if c not in seen:
+                ok.append(i)
+                if unique:
+                    seen.add(c)
+        kept.append(batch[torch.tensor(ok, dtype=torch.long)])
+    out = Scenes(*(torch.cat([getattr(k, f) for k in kept]) for f in Scenes.__dataclass_fields__))
+    return out[:n]
 
 
 # ----------------------------------------------------------------------------------------
 # Drawing, vectorised over the batch
 # ----------------------------------------------------------------------------------------
 
-def glyph_masks(noun: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor) -> torch.Tensor:
-    """Boolean masks (N, H, W) of N objects centred at (cx, cy), 2 * HALF pixels wide."""
+def glyph_masks(noun: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor,
+                half: torch.Tensor | float = HALF) -> torch.Tensor:
+    """Boolean masks (N, H, W) of N objects centred at (cx, cy), 2 * half pixels wide."""
+    half = torch.as_tensor(half, dtype=torch.float32).expand(len(noun)).reshape(-1, 1, 1)
     pix = torch.arange(IMAGE_SIZE, dtype=torch.float32) + 0.5
-    u = (pix.view(1, 1, -1) - cx.view(-1, 1, 1)) / HALF                     # (N, 1, W), [-1, 1] inside
-    v = (pix.view(1, -1, 1) - cy.view(-1, 1, 1)) / HALF                     # (N, H, 1)
-    x = (pix.view(1, 1, -1) - cx.view(-1, 1, 1) + HALF).floor().long()      # pixel offsets in the box
-    y = (pix.view(1, -1, 1) - cy.view(-1, 1, 1) + HALF).floor().long()
+    u = (pix.view(1, 1, -1) - cx.view(-1, 1, 1)) / half                     # (N, 1, W), [-1, 1] inside
+    v = (pix.view(1, -1, 1) - cy.view(-1, 1, 1)) / half                     # (N, H, 1)
+    x = (pix.view(1, 1, -1) - cx.view(-1, 1, 1) + half).floor().long()      # pixel offsets in the box
+    y = (pix.view(1, -1, 1) - cy.view(-1, 1, 1) + half).floor().long()
     masks = torch.zeros(len(noun), IMAGE_SIZE, IMAGE_SIZE, dtype=torch.bool)
     for i, (kind, pattern) in enumerate(looks()):
         sel = noun == i
@@ -190,9 +253,10 @@ def draw(scenes: Scenes, background: torch.Tensor, colours: torch.Tensor, g: tor
     """Paint the two objects of every scene onto `background` (N, 3, H, W), filled with
     `colours` (N, 2, 3); float images in [0, 1]."""
     cx, cy = layout(scenes, g)
+    half = torch.where(scenes.small, HALF_SMALL, HALF)                        # (N, 2)
     img = background.clone()
     for k in range(2):
-        mask = glyph_masks(scenes.noun[:, k], cx[:, k], cy[:, k]).unsqueeze(1)  # (N, 1, H, W)
+        mask = glyph_masks(scenes.noun[:, k], cx[:, k], cy[:, k], half[:, k]).unsqueeze(1)  # (N, 1, H, W)
         img = torch.where(mask, colours[:, k].view(-1, 3, 1, 1), img)
     return img
 
@@ -205,16 +269,18 @@ def true_colours(scenes: Scenes, g: torch.Generator, jitter: float = 0.05) -> to
 
 def noise(img: torch.Tensor, std: float, g: torch.Generator) -> torch.Tensor:
     return img + std * torch.randn(img.shape, generator=g)
-
-
 # ----------------------------------------------------------------------------------------
-# Settings: where a family is seen. Each has a background of its own and a light of its
-# own; the light is a colour transform c -> clamp(A c + b) of the objects' true colours,
-# the way water swallows red or a sodium street lamp turns everything orange. Every light
-# is invertible (A has full rank), so colours can be read in every setting, but not with
-# the plain-light reading: red under water turns a dull rose. LIGHT scales how far each
-# light moves the colours. The pre-training mixture shows every setting, never with a
-# colour word.
+# Settings: where a family is seen. Each has a background of its own, a phrase that
+# captions end with, and a light of its own: a colour transform c -> clamp(A c + b) of the
+# objects' true colours, the way water swallows red or a sodium street lamp turns everything
+# orange. Every light is invertible (A has full rank), so colours can be read in every
+# setting, but not with the plain-light reading: red under water turns a dull rose. LIGHT
+# scales how far each light moves the colours.
+# A task's light is its own setting's, also in the pictures it takes in its partner's
+# setting (a fish in the harbour is still under water): so the partner's prompts, which
+# know the background and the objects, do not know the light, and sending a picture to
+# the wrong task costs what it costs in COCO, where each task's prompts fit its own content.
+# The pre-training mixture shows every setting in its own light, never with a colour word.
 # ----------------------------------------------------------------------------------------
 
 LIGHT = 0.5  # how strongly a setting's light acts (1: the full transform); at 1 zero-shot is at chance
@@ -223,6 +289,7 @@ LIGHT = 0.5  # how strongly a setting's light acts (1: the full transform); at 1
 @dataclass(frozen=True)
 class Setting:
     background: Callable[[int, torch.Generator], torch.Tensor]   # n -> (n, 3, H, W)
+    phrase: str                                                   # as COCO captions say "in a kitchen"
     A: tuple                                                      # 3x3, rows = output channel
     b: tuple = (0.0, 0.0, 0.0)
 
@@ -286,49 +353,73 @@ def _harbour(n, g):  # grey-blue water fading into light fog at the top
 
 I3 = ((1, 0, 0), (0, 1, 0), (0, 0, 1))
 SETTINGS: dict[str, Setting] = {
-    "plain": Setting(_grey, I3),
+    "plain": Setting(_grey, "", I3),
     # water swallows red first, then green; what is left is tinted blue-green
-    "underwater": Setting(_water, ((0.30, 0.00, 0.00), (0.10, 0.60, 0.20), (0.10, 0.20, 0.60)), (0.02, 0.18, 0.25)),
+    "underwater": Setting(_water, "under water", ((0.30, 0.00, 0.00), (0.10, 0.60, 0.20), (0.10, 0.20, 0.60)),
+                          (0.02, 0.18, 0.25)),
     # low golden sun: warm, blue dimmed
-    "meadow": Setting(_grass, ((0.70, 0.20, 0.00), (0.10, 0.70, 0.00), (0.00, 0.10, 0.40)), (0.25, 0.15, 0.00)),
+    "meadow": Setting(_grass, "on a meadow", ((0.70, 0.20, 0.00), (0.10, 0.70, 0.00), (0.00, 0.10, 0.40)),
+                      (0.25, 0.15, 0.00)),
     # dust: colours pulled towards their grey and dimmed, a brown tint
-    "soil": Setting(_soil, ((0.48, 0.14, 0.14), (0.14, 0.48, 0.14), (0.14, 0.14, 0.48)), (0.08, 0.05, 0.02)),
+    "soil": Setting(_soil, "on the soil", ((0.48, 0.14, 0.14), (0.14, 0.48, 0.14), (0.14, 0.14, 0.48)),
+                    (0.08, 0.05, 0.02)),
     # fluorescent glare: washed out, slightly green
-    "tiles": Setting(_tiles, ((0.55, 0.00, 0.00), (0.00, 0.55, 0.00), (0.00, 0.00, 0.55)), (0.38, 0.43, 0.35)),
+    "tiles": Setting(_tiles, "on kitchen tiles", ((0.55, 0.00, 0.00), (0.00, 0.55, 0.00), (0.00, 0.00, 0.55)),
+                     (0.38, 0.43, 0.35)),
     # sodium street lamps: red and green merge towards orange, blue almost gone
-    "night road": Setting(_road, ((0.50, 0.30, 0.10), (0.30, 0.30, 0.10), (0.00, 0.05, 0.15)), (0.10, 0.05, 0.02)),
+    "night road": Setting(_road, "on a road at night", ((0.50, 0.30, 0.10), (0.30, 0.30, 0.10), (0.00, 0.05, 0.15)),
+                          (0.10, 0.05, 0.02)),
     # fog: half-way to light grey
-    "foggy harbour": Setting(_harbour, ((0.50, 0.00, 0.00), (0.00, 0.50, 0.00), (0.00, 0.00, 0.50)), (0.30, 0.32, 0.34)),
+    "foggy harbour": Setting(_harbour, "in a foggy harbour", ((0.50, 0.00, 0.00), (0.00, 0.50, 0.00),
+                                                             (0.00, 0.00, 0.50)), (0.30, 0.32, 0.34)),
 }
 
 
-def paint(setting: str, scenes: Scenes, g: torch.Generator) -> torch.Tensor:
-    """Scenes -> float images (N, 3, H, W) in [0, 1], seen in `setting`."""
-    s = SETTINGS[setting]
-    return noise(draw(scenes, s.background(len(scenes), g), s.light(true_colours(scenes, g)), g), 0.02, g)
+SETTING_NAMES = tuple(SETTINGS)
+
+
+def paint(scenes: Scenes, g: torch.Generator) -> torch.Tensor:
+    """Scenes -> float images (N, 3, H, W) in [0, 1], each seen in its own setting."""
+    images = torch.empty(len(scenes), 3, IMAGE_SIZE, IMAGE_SIZE)
+    for k in scenes.setting.unique().tolist():
+        idx = (scenes.setting == k).nonzero().flatten()
+        s, part = SETTINGS[SETTING_NAMES[k]], scenes[idx]
+        colours = true_colours(part, g)                                              # (n, 2, 3)
+        for li in part.light.unique().tolist():
+            sel = part.light == li
+            colours[sel] = SETTINGS[SETTING_NAMES[li]].light(colours[sel])
+        images[idx] = draw(part, s.background(len(idx), g), colours, g)
+    return noise(images, 0.02, g)
 
 
 # ----------------------------------------------------------------------------------------
-# Captions: "a red fish left of a blue crab under water" (the left or top object first,
-# the setting's phrase last). The coarse captions of the pre-training mixture name only
-# the objects and the setting: "a fish and a crab under water".
+# Captions: "a red fish left of a blue boat in a foggy harbour" (the left or top object
+# first, the setting's phrase last; nothing about size). The coarse captions of the
+# pre-training mixture name only the objects and the setting: "a fish and a boat in a
+# foggy harbour".
 # ----------------------------------------------------------------------------------------
 
-def captions(scenes: Scenes, phrase: str = "") -> list[str]:
+def _phrase(setting: int) -> str:
+    phrase = SETTINGS[SETTING_NAMES[setting]].phrase
+    return f" {phrase}" if phrase else ""
+
+
+def captions(scenes: Scenes) -> list[str]:
     """Fine captions: every object's colour and noun, and where they are, the left (top)
     object named first: "a red fish left of a blue crab", "a red fish above a blue crab"."""
-    end = f" {phrase}" if phrase else ""
     out = []
-    for nn, cc, vert in zip(scenes.noun.tolist(), scenes.colour.tolist(), scenes.vertical.tolist()):
+    for nn, cc, vert, st in zip(scenes.noun.tolist(), scenes.colour.tolist(), scenes.vertical.tolist(),
+                                scenes.setting.tolist()):
         obj = [f"{COLOUR_NAMES[cc[k]]} {NOUNS[nn[k]]}" for k in range(2)]
-        out.append(f"a {obj[0]} {'above' if vert else 'left of'} a {obj[1]}{end}")
+        out.append(f"a {obj[0]} {'above' if vert else 'left of'} a {obj[1]}{_phrase(st)}")
     return out
 
 
-def coarse_captions(scenes: Scenes, phrase: str) -> list[str]:
+def coarse_captions(scenes: Scenes) -> list[str]:
     """Coarse captions: the two nouns and the setting; nothing that tells scenes of the same
     objects apart (no colour, no relation)."""
-    return [f"a {NOUNS[a]} and a {NOUNS[b]} {phrase}" for a, b in scenes.noun.tolist()]
+    return [f"a {NOUNS[a]} and a {NOUNS[b]}{_phrase(st)}" for (a, b), st in zip(scenes.noun.tolist(),
+                                                                               scenes.setting.tolist())]
 
 
 @contextmanager
@@ -343,12 +434,11 @@ def _one_thread():
         torch.set_num_threads(n)
 
 
-def render(setting: str, scenes: Scenes, g: torch.Generator, phrase: str = "",
-           coarse: bool = False) -> tuple[torch.Tensor, list[list[str]]]:
-    """Scenes -> uint8 images (N, 3, H, W) in a setting, and one caption each (fine, or coarse)."""
+def render(scenes: Scenes, g: torch.Generator, coarse: bool = False) -> tuple[torch.Tensor, list[list[str]]]:
+    """Scenes -> uint8 images (N, 3, H, W), and one caption each (fine, or coarse)."""
     with _one_thread():
-        images = (paint(setting, scenes, g).clamp(0, 1) * 255).round().to(torch.uint8)
-    text = coarse_captions(scenes, phrase) if coarse else captions(scenes, phrase)
+        images = (paint(scenes, g).clamp(0, 1) * 255).round().to(torch.uint8)
+    text = coarse_captions(scenes) if coarse else captions(scenes)
     return images, [[c] for c in text]
 
 
@@ -358,60 +448,82 @@ def _generator(seed: int, salt: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
-def family_nouns(name: str) -> torch.Tensor:
-    """Indices into NOUNS of a family's nouns."""
-    return torch.tensor([NOUNS.index(n) for n in FAMILIES[name].nouns])
-
-
-TASK_SIZES = dict(n_train=1000, n_test=100)  # images per task; each test gallery is searched on its own
+TASK_SIZES = dict(n_train=1000, n_test=100)  # images per task
 
 
 def make_split(name: str, n_train: int = TASK_SIZES["n_train"], n_test: int = TASK_SIZES["n_test"], seed: int = 0):
-    """The built-in task `name`: ((train images, captions), (test images, captions)),
-    distinct scenes, test scenes never seen in training."""
-    fam, g = FAMILIES[name], _generator(seed, name)
-    test_scenes, test_codes = sample_scenes(family_nouns(name), n_test, g)
-    train_scenes, _ = sample_scenes(family_nouns(name), n_train, g, exclude=test_codes)
-    return render(fam.setting, train_scenes, g, fam.phrase), render(fam.setting, test_scenes, g, fam.phrase)
+    """The built-in task `name`: ((train images, captions), (test images, captions)). Test
+    captions are all different, and none is a training caption. Training scenes may repeat
+    (a task has about 1,700 distinct captions), drawn again each time."""
+    g = _generator(seed, name)
+    draw_task = lambda n: task_scenes(name, n, g)  # noqa: E731
+    test = distinct(draw_task, n_test)
+    train = distinct(draw_task, n_train, exclude=test.codes(), unique=False)
+    return render(train, g), render(test, g)
 
 
 # ========================================================================================
 # The pre-training mixture and the tiny CLIP
 #
 # Stand-in for CLIP's web-scale pre-training, one fresh batch per step (the generator is
-# the data set). It teaches the world broadly but not each task's fine distinctions:
-# - three quarters of each batch: two objects of a family in plain light on a grey
-#   background, with a fine caption ("a red fish left of a blue crab"), each quarter one
-#   family (so that the negatives share nouns): every noun, colour and relation, but in
-#   no setting;
-# - the last quarter: two objects of a family in that family's setting, families mixed (so
-#   that settings and names are told apart), with a coarse caption ("a fish and a crab under
-#   water", or for a quarter of them the family's name, "a photo of sea animals", so that
-#   task names can be read): every setting, its light and its objects, but never which
+# the data set). It teaches the world broadly but not each task's fine distinctions, and
+# knows nothing of how the tasks overlap (MIXED, IN_PARTNER_SETTING):
+# - three quarters of each batch: two objects in plain light on a grey background, with a
+#   fine caption ("a red fish left of a blue boat"); in each quarter one object is of one
+#   family (so that the negatives share nouns), the other of that family or, half of the
+#   time, of any: every noun, colour and relation, but in no setting;
+# - the last quarter: two objects of any families in any setting, with a coarse caption
+#   ("a fish and a boat under water"), or, for a quarter of them, a family's two objects in
+#   its own setting captioned with the family's name ("a photo of sea animals", so that task
+#   names can be read): every setting, its light and every object in it, but never which
 #   colour or place is which there.
-# Every word the tasks use is in this mixture; a task's captions join the two kinds (a fine
-# description in a setting's light), which the tiny CLIP never saw.
+# Each object is drawn large or small at random. Every word the tasks use is in this
+# mixture; a task's captions join the two kinds (a fine description in a setting's light),
+# which the tiny CLIP never saw.
 # ========================================================================================
 
 NAME_TEMPLATE = "a photo of {}"   # = lpi.TASK_NAME_TEMPLATE, with which LPI compares task names
-NAMED = 0.25                       # share of the setting quarter captioned with the family's name
+NAMED = 0.25                       # share of the setting quarter captioned with a family's name
+
+
+def mixture_scenes(n: int, g: torch.Generator, first: torch.Tensor, second: torch.Tensor,
+                   setting: torch.Tensor) -> Scenes:
+    """n scenes: object nouns drawn from `first` and `second` (in random order), sizes at
+    random, in the given setting(s)."""
+    a, b = pick(first, n, g), pick(second, n, g)
+    swap = torch.rand(n, generator=g) < 0.5
+    noun = torch.where(swap[:, None], torch.stack([b, a], 1), torch.stack([a, b], 1))
+    where = pick(setting, n, g)
+    return Scenes(noun, two_colours(n, g), torch.rand(n, generator=g) < 0.5, torch.rand(n, 2, generator=g) < 0.5,
+                  where, where)
 
 
 def generic_mixture(n: int, seed: int = 0) -> tuple[torch.Tensor, list[list[str]]]:
     """n pre-training pairs, deterministic by seed: (uint8 images, captions)."""
     g = _generator(seed, "generic")
-    fams = list(FAMILIES)
+    fams, everything = list(FAMILIES), torch.arange(len(NOUNS))
+    plain, settings = torch.tensor([SETTING_NAMES.index("plain")]), torch.arange(1, len(SETTING_NAMES))
     images, caps = [], []
-    for quarter in range(3):  # fine: each quarter one family in plain light (negatives that share nouns)
-        fam = fams[int(torch.randint(len(fams), (1,), generator=g))]
-        img, cap = render("plain", sample_scenes(family_nouns(fam), n // 4, g)[0], g)
+    for quarter in range(3):  # fine: one object of the quarter's family, the other of it or of any
+        own = family_nouns(fams[int(torch.randint(len(fams), (1,), generator=g))])
+        scenes = mixture_scenes(n // 4, g, own, own, plain)
+        cross = torch.rand(len(scenes), generator=g) < 0.5
+        scenes.noun[:, 1] = torch.where(cross, pick(everything, len(scenes), g), scenes.noun[:, 1])
+        img, cap = render(scenes, g)
         images.append(img), caps.extend(cap)
-    pick = torch.randint(len(fams), (n - 3 * (n // 4),), generator=g)  # coarse: families mixed, so that
-    for f in pick.unique().tolist():                                     # settings and names are contrasted
-        fam, count = FAMILIES[fams[f]], int((pick == f).sum())
-        img, cap = render(fam.setting, sample_scenes(family_nouns(fam.name), count, g)[0], g, fam.phrase, coarse=True)
-        named = torch.rand(count, generator=g) < NAMED
-        images.append(img), caps.extend([NAME_TEMPLATE.format(fam.label)] if named[i] else c for i, c in enumerate(cap))
+    rest = n - 3 * (n // 4)
+    named = torch.rand(rest, generator=g) < NAMED
+    img, cap = render(mixture_scenes(int((~named).sum()), g, everything, everything, settings), g, coarse=True)
+    images.append(img), caps.extend(cap)
+    k = int(named.sum())                           # named: a family's two objects, in its own setting
+    f = torch.randint(len(fams), (k,), generator=g)
+    table = torch.stack([family_nouns(name) for name in fams])                   # (families, 3)
+    own_setting = torch.tensor([SETTING_NAMES.index(FAMILIES[name].setting) for name in fams])
+    scenes = Scenes(table[f[:, None], torch.randint(3, (k, 2), generator=g)], two_colours(k, g),
+                    torch.rand(k, generator=g) < 0.5, torch.rand(k, 2, generator=g) < 0.5, own_setting[f],
+                    own_setting[f])
+    images.append(render(scenes, g)[0])
+    caps.extend([NAME_TEMPLATE.format(FAMILIES[fams[i]].label)] for i in f.tolist())
     return torch.cat(images), caps
 
 

@@ -8,6 +8,7 @@ recipe's sampling and augmentation.
   subsampling           --max-train-per-task / --max-test-per-task
   images                ImageFileDataset (an unreadable file is counted, never fatal), batches
   the recipe            training pairs per caption or per image; crop + flip augmentation
+  encoding              a set through a model's encoders (encode_set); an epoch's batches
   --tasks               a comma-separated list of task names
   the backbone          --clip: tiny, a released CLIP, a checkpoint, random:NAME
 """
@@ -22,15 +23,16 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from PIL import Image
+from torch import Tensor
 from torch.utils.data import Dataset
 
 import builtin_world as world
 import clip_model
-from run_support import LPIError, atomic_write, pick_device
+from run_support import Env, LPIError, atomic_write, autocast, gather_rows, pick_device, shard
 
 
 @dataclass
@@ -454,10 +456,13 @@ def parse_task_specs(spec: str, data_root: str | None,
     """"coco,flickr" -> [Task("coco"), Task("flickr")]; "coco:supercategory" expands to the 12
     COCO tasks; a key of `builtin` is built by calling builtin[key](). All names are checked
     before anything is loaded."""
-    names = [s.strip() for s in spec.split(",") if s.strip()]
+    names = [s.strip() for s in spec.split(",")]
     valid = list(REAL_TASK_NAMES) + [k for k in builtin if k not in REAL_TASK_NAMES]
-    if not names:
+    if not any(names):
         raise LPIError(f"--tasks is empty; valid task names: {', '.join(valid)}")
+    if not all(names):
+        raise LPIError(f"--tasks {spec!r} has an empty task name (two commas in a row, or one at an end); "
+                       f"expected task names separated by single commas")
     for name in names:
         if name not in valid:
             raise LPIError(f"unknown task {name!r} in --tasks {spec!r}; valid task names: {', '.join(valid)}")
@@ -562,6 +567,73 @@ def augment_tensors(x: torch.Tensor) -> torch.Tensor:
         img = TF.resized_crop(img, i, j, h, w, [H, W], interpolation=T.InterpolationMode.BICUBIC, antialias=True)
         out.append(TF.hflip(img) if torch.rand(()) < 0.5 else img)
     return torch.stack(out)
+
+
+# ========================================================================================
+# A set through a model's encoders, and one epoch's batches of pairs
+# ========================================================================================
+
+class Encoded(NamedTuple):
+    """A set through the encoders (encode_set): every image's and caption's features, the
+    image each caption describes, and which images could be read."""
+    img: Tensor        # (N, E)
+    cap: Tensor        # (N_cap, E)
+    cap2img: Tensor    # (N_cap,)
+    ok: Tensor         # (N,) bool; False: an unreadable file, left out of the pool
+
+
+@torch.no_grad()
+def encode_set(model, data: ImageCaptionSet, s, env: Env, img_task=None, cap_task=None,
+               progress: str | None = None) -> Encoded:
+    """Encode every image and caption of a set with a model of lpi.py (LPI or L2P), with
+    per-item task prompts (None: frozen CLIP); s: lpi.RunConfig (batch size, workers,
+    progress). With several processes each encodes a contiguous shard and every process gets
+    the whole set back."""
+    from tqdm import tqdm
+
+    dev, E, size = env.device, model.clip.cfg.embed_dim, s.batch_size
+    images = shard(range(len(data)), env.dist)
+    img_feats, ok_all = [torch.zeros(0, E)], [torch.zeros(0, dtype=torch.bool)]
+    bar = tqdm(total=len(images), desc=progress, leave=False, disable=progress is None or not s.progress)
+    for idx, (x, ok) in zip(in_batches(images, size),
+                            image_batches(data, in_batches(list(images), size), env.preprocess, s.workers)):
+        ids = None if img_task is None else img_task[list(idx)].to(dev)
+        with autocast(dev, env.precision):
+            img_feats.append(model.encode_image(x.to(dev), ids).float().cpu())
+        ok_all.append(ok)
+        bar.update(len(x))
+    bar.close()
+    captions = [c for caps in data.captions for c in caps]
+    cap2img = torch.tensor([i for i, caps in enumerate(data.captions) for _ in caps], dtype=torch.long)
+    cap_feats = [torch.zeros(0, E)]
+    for idx in in_batches(shard(range(len(captions)), env.dist), size):
+        batch = [captions[i] for i in idx]
+        # frozen CLIP (no task ids) reads plain captions, without the M prompt placeholders
+        tokens = (model.tokenize(batch) if cap_task is not None
+                  else clip_model.tokenize(batch, model.clip.context_length, truncate=True)).to(dev)
+        ids = None if cap_task is None else cap_task[list(idx)].to(dev)
+        with autocast(dev, env.precision):
+            cap_feats.append(model.encode_text(tokens, ids).float().cpu())
+    gather = partial(gather_rows, d=env.dist)
+    return Encoded(gather(torch.cat(img_feats)), gather(torch.cat(cap_feats)), cap2img, gather(torch.cat(ok_all)))
+
+
+def global_batches(n_pairs: int, s, env: Env) -> list[range]:
+    """One epoch's global batches of s.batch_size x processes positions; a last batch too
+    small to give every process a pair is dropped."""
+    world_size = env.dist.world
+    return [b for b in in_batches(range(n_pairs), s.batch_size * world_size) if len(b) >= world_size]
+
+
+def epoch_batches(data: ImageCaptionSet, s, env: Env, g: torch.Generator, preprocess):
+    """One epoch in random order (data.training_pairs: --pairs): this process's share of each
+    global batch, as (captions, images (b, 3, H, W), ok (b,) bool)."""
+    order, pick = training_pairs(data, s.pairs == "per-caption", g)
+    mine = [shard(b, env.dist) for b in global_batches(len(order), s, env)]
+    images = image_batches(data, [[order[p] for p in P] for P in mine], preprocess, s.workers)
+    for P, (x, ok) in zip(mine, images):
+        yield [data.captions[order[p]][pick[p]] for p in P], x, ok
+
 
 
 # ========================================================================================

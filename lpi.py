@@ -35,7 +35,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -47,12 +47,12 @@ import clip_model
 import reporting
 from reporting import grad_norms, prompt_scale
 from baselines import L2P, L2PConfig, PromptPool
-from data import (BUILTIN_TASKS, ImageCaptionSet, Task, augment_tensors, convert_clip, export_tiny_clip, image_batches,
-                  in_batches, load_backbone, load_tasks, train_transform, training_pairs, union)
-from run_support import (POSITIVE, PRECISIONS, Dist, LPIError, add_switches, all_reduce_ints, at_least, atomic_write,
+from data import (BUILTIN_TASKS, Encoded, ImageCaptionSet, Task, augment_tensors, convert_clip, encode_set, epoch_batches,
+                  export_tiny_clip, global_batches, load_backbone, load_tasks, train_transform, union)
+from run_support import (POSITIVE, PRECISIONS, Env, LPIError, add_switches, all_reduce_ints, at_least, atomic_write,
                          autocast, average_gradients, broadcast_, check_finite, check_switches, default_precision, from_values,
-                         gather_rows, gather_with_grad, init_distributed, latest_checkpoint, pick_device,
-                         read_checkpoint, run_lock, save_json, shard, switch, within)
+                         gather_with_grad, init_distributed, latest_checkpoint, pick_device, read_checkpoint, run_lock,
+                         save_json, switch, within)
 
 
 # ========================================================================================
@@ -748,79 +748,8 @@ def recall_at_k(sim: Tensor, cap2img: Tensor, ks=(1, 5, 10),
 
 
 # ========================================================================================
-# §7  Training one task: batches, the optimiser, one step, what is logged
+# §7  Training one task: the optimiser, one step, what is logged (batches: data.epoch_batches)
 # ========================================================================================
-
-@dataclass
-class Env:
-    """Where a run executes, as opposed to what it does (RunConfig): the device, CLIP's
-    preprocessing of image files, this process among torchrun's, the autocast precision."""
-    device: torch.device
-    preprocess: Callable | None = None
-    dist: Dist = field(default_factory=Dist)
-    precision: str = "fp32"       # autocast dtype of the frozen encoders: fp32 | bf16 | fp16
-
-
-class Encoded(NamedTuple):
-    """A set through the encoders (encode_set): every image's and caption's features, the
-    image each caption describes, and which images could be read."""
-    img: Tensor        # (N, E)
-    cap: Tensor        # (N_cap, E)
-    cap2img: Tensor    # (N_cap,)
-    ok: Tensor         # (N,) bool; False: an unreadable file, left out of the pool
-
-
-@torch.no_grad()
-def encode_set(model: LPI, data: ImageCaptionSet, s: RunConfig, env: Env, img_task=None, cap_task=None,
-               progress: str | None = None) -> Encoded:
-    """Encode every image and caption of a set, with per-item task prompts (None: frozen
-    CLIP). With several processes each encodes a contiguous shard and every process gets
-    the whole set back."""
-    from tqdm import tqdm
-
-    dev, E, size = env.device, model.clip.cfg.embed_dim, s.batch_size
-    images = shard(range(len(data)), env.dist)
-    img_feats, ok_all = [torch.zeros(0, E)], [torch.zeros(0, dtype=torch.bool)]
-    bar = tqdm(total=len(images), desc=progress, leave=False, disable=progress is None or not s.progress)
-    for idx, (x, ok) in zip(in_batches(images, size),
-                            image_batches(data, in_batches(list(images), size), env.preprocess, s.workers)):
-        ids = None if img_task is None else img_task[list(idx)].to(dev)
-        with autocast(dev, env.precision):
-            img_feats.append(model.encode_image(x.to(dev), ids).float().cpu())
-        ok_all.append(ok)
-        bar.update(len(x))
-    bar.close()
-    captions = [c for caps in data.captions for c in caps]
-    cap2img = torch.tensor([i for i, caps in enumerate(data.captions) for _ in caps], dtype=torch.long)
-    cap_feats = [torch.zeros(0, E)]
-    for idx in in_batches(shard(range(len(captions)), env.dist), size):
-        batch = [captions[i] for i in idx]
-        # frozen CLIP (no task ids) reads plain captions, without the M prompt placeholders
-        tokens = (model.tokenize(batch) if cap_task is not None
-                  else clip_model.tokenize(batch, model.clip.context_length, truncate=True)).to(dev)
-        ids = None if cap_task is None else cap_task[list(idx)].to(dev)
-        with autocast(dev, env.precision):
-            cap_feats.append(model.encode_text(tokens, ids).float().cpu())
-    gather = partial(gather_rows, d=env.dist)
-    return Encoded(gather(torch.cat(img_feats)), gather(torch.cat(cap_feats)), cap2img, gather(torch.cat(ok_all)))
-
-
-def global_batches(n_pairs: int, s: RunConfig, env: Env) -> list[range]:
-    """One epoch's global batches of s.batch_size x processes positions; a last batch too
-    small to give every process a pair is dropped."""
-    world_size = env.dist.world
-    return [b for b in in_batches(range(n_pairs), s.batch_size * world_size) if len(b) >= world_size]
-
-
-def epoch_batches(data: ImageCaptionSet, s: RunConfig, env: Env, g: torch.Generator, preprocess):
-    """One epoch in random order (data.training_pairs: --pairs): this process's share of each
-    global batch, as (captions, images (b, 3, H, W), ok (b,) bool)."""
-    order, pick = training_pairs(data, s.pairs == "per-caption", g)
-    mine = [shard(b, env.dist) for b in global_batches(len(order), s, env)]
-    images = image_batches(data, [[order[p] for p in P] for P in mine], preprocess, s.workers)
-    for P, (x, ok) in zip(mine, images):
-        yield [data.captions[order[p]][pick[p]] for p in P], x, ok
-
 
 # The optimiser of the per-task parameters [ours]: Adam, because SGD's useful step on the
 # scale-free CP factors shrinks as lr/|w|^2 (METHOD.md §2, "How the factors learn").
@@ -989,6 +918,26 @@ def make_pool(encoded: list[Encoded], frozen: list[Encoded], routes: list[tuple]
     return Pool(**joined)
 
 
+def pool_recall(pool: Pool, T: int, ks=(1, 5, 10), alone: bool = False) -> dict:
+    """Recall of each task k over its own queries, ranked against the whole pool (the
+    protocol), or with alone=True against task k's items only: what the pool costs.
+    Returns {"i2t": {"R@1": [per task], ...}, "t2i": ...}."""
+    sim = pool.img @ pool.cap.t()                                         # (N_img, N_cap)
+    pooled = None if alone else {"i2t": i2t_ranks(sim, pool.cap2img), "t2i": t2i_ranks(sim, pool.cap2img)}
+    recall = {d: {f"R@{K}": [] for K in ks} for d in ("i2t", "t2i")}
+    for k in range(T):
+        img_k, cap_k = pool.img_task == k, pool.cap_task == k
+        if alone:  # a task's images are contiguous in the pool: its captions' images, counted from its first
+            sub, cap2img = sim[img_k][:, cap_k], pool.cap2img[cap_k] - int(img_k.long().argmax())
+            ranks = {"i2t": i2t_ranks(sub, cap2img), "t2i": t2i_ranks(sub, cap2img)}
+        else:
+            ranks = {"i2t": pooled["i2t"][img_k], "t2i": pooled["t2i"][cap_k]}
+        for d, r in ranks.items():
+            for name, v in recall_from_ranks(r, ks).items():
+                recall[d][name].append(v)
+    return recall
+
+
 @torch.no_grad()
 def evaluate(model: LPI, tasks: list[Task], frozen: list[Encoded], router: TaskRouter, s: RunConfig, env: Env,
              ks=(1, 5, 10)) -> tuple[dict, dict, Pool]:
@@ -1000,16 +949,9 @@ def evaluate(model: LPI, tasks: list[Task], frozen: list[Encoded], router: TaskR
     encoded = [encode_set(model, task.test, s, env, r_img, r_cap, progress=f"eval {task.name}")
                if model.prompted else f for task, f, (r_img, r_cap) in zip(tasks, frozen, routes)]
     pool = make_pool(encoded, frozen, routes)
-    sim = pool.img @ pool.cap.t()                                        # (N_img, N_cap)
-    ranks = {"i2t": (i2t_ranks(sim, pool.cap2img), pool.img_task), "t2i": (t2i_ranks(sim, pool.cap2img), pool.cap_task)}
-    recall = {d: {f"R@{K}": [] for K in ks} for d in ranks}
-    for k in range(len(tasks)):
-        for d, (r, task_of) in ranks.items():
-            for name, v in recall_from_ranks(r[task_of == k], ks).items():
-                recall[d][name].append(v)
     accuracy = lambda routed, true: 100.0 * float((routed == true).double().mean()) if len(true) else 0.0  # noqa: E731
-    return recall, {"image": accuracy(pool.img_routed, pool.img_task), "text": accuracy(pool.cap_routed, pool.cap_task)}, pool
-
+    routing = {"image": accuracy(pool.img_routed, pool.img_task), "text": accuracy(pool.cap_routed, pool.cap_task)}
+    return pool_recall(pool, len(tasks), ks), routing, pool
 
 
 # ========================================================================================
@@ -1100,8 +1042,10 @@ def run_continual(model: LPI, tasks: list[Task], s: RunConfig, env: Env, config:
             for K, values in recall[d].items():
                 p.results["recall"][d][K][t][: t + 1] = values
         p.results["routing_accuracy"].append(routing)
+        alone = pool_recall(pool, t + 1, alone=True)   # each task against its own items: what the pool costs
         p.results.update(skipped_images=p.results["skipped_images"] + skipped, wall_time_s=time.time() - t0,
-                         summary=summarize(p.results["recall"], t))
+                         summary=summarize(p.results["recall"], t),
+                         alone={"recall": alone, "summary": row_summary(alone)})
         p.done = t + 1
         if main:
             save_checkpoint(model, Path(s.out), config, p)
@@ -1111,8 +1055,10 @@ def run_continual(model: LPI, tasks: list[Task], s: RunConfig, env: Env, config:
     # Zero-shot CLIP on the same final pool (the frozen features are there already)
     encode_frozen(model, tasks, frozen, s, env)
     zs, _, zs_pool = evaluate(LPI(model.clip, dataclasses.replace(cfg, J=0)), tasks, frozen, p.router, s, env)
-    p.results.update(zeroshot={"recall": zs, "summary": row_summary(zs)}, wall_time_s=time.time() - t0,
-                     summary=summarize(p.results["recall"], T - 1))
+    zs_alone = pool_recall(zs_pool, T, alone=True)
+    p.results.update(zeroshot={"recall": zs, "summary": row_summary(zs), "alone": {"recall": zs_alone,
+                               "summary": row_summary(zs_alone)}},
+                     wall_time_s=time.time() - t0, summary=summarize(p.results["recall"], T - 1))
     if main:
         save_json(Path(s.out) / "results.json", p.results)
         if pool is not None and model.prompted and all(isinstance(tk.test.images, torch.Tensor) for tk in tasks):
@@ -1136,11 +1082,14 @@ def new_results(model: LPI, tasks: list[Task], config: dict) -> dict:
 
 def check_out(out: Path, resume: bool) -> Path | None:
     """The last checkpoint of a run already in `out`, or None; such a run is continued only
-    with --resume (never overwritten)."""
+    with --resume (never overwritten), and --resume needs one (never starts over silently)."""
     last = latest_checkpoint(out)
     if last is not None and not resume:
         raise LPIError(f"{out} already holds a run ({last.name}); pass --resume to continue it, or choose "
                        f"another --out")
+    if last is None and resume:
+        raise LPIError(f"nothing to resume in {out}: no checkpoint of lpi.py there (a run writes one after each "
+                       f"task); drop --resume to start a run")
     return last
 
 
@@ -1314,7 +1263,8 @@ class RunConfig:
     batch_size: int | None = switch(None, "default 64", check=(lambda v: v >= 2, ">= 2 (a contrastive batch needs "
                                                                "negatives)"), type=int)
     optimizer: str | None = switch(None, "of the per-task parameters: sgd (momentum 0.9, the authors') or adam; "
-                                   "default: the method's choice by the tuning protocol (TUNED)", choices=OPTIMIZERS)
+                                   "default: the method's choice by the tuning protocol (TUNED)", choices=OPTIMIZERS,
+                                   type=str)
     lr: float | None = switch(None, "learning rate; default: the method's best for the optimiser in the tuning "
                               "protocol", check=POSITIVE, type=float)
     weight_decay: float = switch(2e-4, "weight decay", check=at_least(0))
@@ -1391,8 +1341,9 @@ def run(s: RunConfig | None = None, cfg: LPIConfig | None = None) -> dict:
         tasks = load_tasks(s)
         env = Env(device, preprocess, d, default_precision(device) if s.precision == "auto" else s.precision)
         config = dict(dataclasses.asdict(s), **dataclasses.asdict(cfg), processes=d.world)  # global batch: processes x batch
+        model = make_method(s.method, cfg, clip)         # a setting the backbone refuses fails before --out is made
         with run_lock(Path(s.out)) if d.main else nullcontext():
-            results = run_continual(make_method(s.method, cfg, clip), tasks, s, env, config)
+            results = run_continual(model, tasks, s, env, config)
             if d.main:
                 reporting.plot_recall(results, Path(s.out) / "recall_r1.png")
         return results

@@ -62,6 +62,8 @@ def format_table(results: dict, routed: bool) -> str:
     lines += [row("", "zeroshot", [zs["summary"][f"{d}_{K}"] for d, K in cols])] if zs else []
     lines.append(f"mean recall {s['mean_recall']:.1f}" + (f" (zero-shot {zs['summary']['mean_recall']:.1f})" if zs else "")
                  + f"; average forgetting of R@1: i2t {s['i2t_forgetting_R@1']:.1f}, t2i {s['t2i_forgetting_R@1']:.1f}")
+    if "alone" in results:
+        lines.append(format_pool_cost(results))
     if results["routing_accuracy"] and routed:
         r = results["routing_accuracy"][-1]
         lines.append(f"routing accuracy after the last task: images {r['image']:.1f}%, captions {r['text']:.1f}%")
@@ -74,6 +76,16 @@ def format_table(results: dict, routed: bool) -> str:
     if method == "lpi" and "parameter_comparison" in results:
         lines.append(format_parameter_comparison(results["parameter_comparison"]))
     return "\n".join(lines)
+
+
+def format_pool_cost(results: dict) -> str:
+    """One line: average R@1 with each task ranked against the pool of all seen tasks (the
+    protocol) and against its own items alone, for the method and zero-shot CLIP."""
+    def pair(summary, alone):
+        return " / ".join(f"{summary[f'{d}_R@1']:.1f} pooled, {alone[f'{d}_R@1']:.1f} alone" for d in ("i2t", "t2i"))
+    line = f"the pool: R@1 i2t / t2i {pair(results['summary'], results['alone']['summary'])}"
+    zs = results.get("zeroshot")
+    return line + (f" (zero-shot {pair(zs['summary'], zs['alone']['summary'])})" if zs and "alone" in zs else "")
 
 
 def plot_recall(results: dict, path: Path) -> None:

@@ -18,6 +18,7 @@ import socket
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -45,6 +46,17 @@ class Dist:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+
+@dataclass
+class Env:
+    """Where a run executes, as opposed to what it does (RunConfig): the device, CLIP's
+    preprocessing of image files, this process among torchrun's, the autocast precision."""
+    device: torch.device
+    preprocess: Callable | None = None
+    dist: Dist = field(default_factory=Dist)
+    precision: str = "fp32"       # autocast dtype of the frozen encoders: fp32 | bf16 | fp16
+
 
 
 def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
@@ -310,6 +322,8 @@ def add_switches(group, table) -> None:
             group.add_argument(*flags, dest=f.name, default=f.default, help=f.metadata["help"],
                                action=argparse.BooleanOptionalAction)
         else:
+            if f.default is None and "type" not in kw:  # argparse would call NoneType(value)
+                raise TypeError(f"switch {f.name} defaults to None: give its row a type=")
             kw.setdefault("type", type(f.default))
             group.add_argument(*flags, dest=f.name, default=f.default, help=f.metadata["help"], **kw)
 

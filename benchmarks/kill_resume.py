@@ -97,9 +97,13 @@ def trial(reference: dict, out: Path, kill_at_replace: int = 0, kill_after: floa
     rc = run_lpi(out, kill_at_replace=kill_at_replace, kill_after=kill_after)
     if rc == 0:  # the run finished before the kill: nothing to resume, still must be equal
         return same(reference, comparable(out))
-    rc = run_lpi(out, ["--resume"])
+    import lpi
+
+    # killed before its first checkpoint: nothing to resume (--resume would refuse), so start again
+    again = ["--resume"] if lpi.latest_checkpoint(out) is not None else []
+    rc = run_lpi(out, again)
     if rc != 0:
-        return f"--resume exited with {rc} (see {out}.log)"
+        return f"{' '.join(again) or 'the restart'} exited with {rc} (see {out}.log)"
     return same(reference, comparable(out))
 
 

@@ -192,6 +192,13 @@ CASES = [
     Case("unknown task", lambda t: ["--tasks", "sea-animals,mars", "--out", str(t / "out"), *QUICK], ("'mars'", "valid task names")),
     Case("task twice", lambda t: ["--tasks", "sea-animals,sea-animals", "--out", str(t / "out"), *QUICK], ("more than once",)),
     Case("no tasks", lambda t: ["--tasks", ",", "--out", str(t / "out"), *QUICK], ("--tasks is empty",)),
+    Case("only spaces as tasks", lambda t: ["--tasks", "  ", "--out", str(t / "out"), *QUICK], ("--tasks is empty",)),
+    Case("an empty task between commas", lambda t: ["--tasks", "sea-animals,,farm-animals", "--out", str(t / "out"),
+                                                    *QUICK], ("empty task name", "sea-animals,,farm-animals")),
+    Case("a trailing comma in --tasks", lambda t: ["--tasks", "sea-animals,", "--out", str(t / "out"), *QUICK],
+         ("empty task name",)),
+    Case("a task of spaces between commas", lambda t: ["--tasks", "sea-animals, ,farm-animals", "--out",
+                                                       str(t / "out"), *QUICK], ("empty task name",)),
     Case("real data without --data-root", lambda t: ["--tasks", "flickr", "--out", str(t / "out"), *QUICK], ("--data-root",)),
     Case("data root missing", lambda t: ["--tasks", "flickr", "--data-root", str(t / "nowhere"), "--out", str(t / "out"), *QUICK],
          ("nowhere", "not a directory")),
@@ -248,6 +255,10 @@ CASES = [
          ("cannot be created",)),
     Case("output folder holds a run", lambda t: [*BUILTIN, "--out", str(finished_run(t))],
          ("already holds a run", "--resume")),
+    Case("resume in an empty folder", lambda t: [*BUILTIN, "--out", str(a_dir(t, "out")), "--resume"],
+         ("nothing to resume in", "no checkpoint of lpi.py", "drop --resume")),
+    Case("resume in a folder that does not exist", lambda t: [*BUILTIN, "--out", str(t / "typo"), "--resume"],
+         ("nothing to resume in", "typo", "drop --resume")),
     # --- images and captions that must be used (or skipped and counted), not crash the run
     Case("truncated JPEG", lambda t: replace_image(t, lambda p: p.write_bytes(p.read_bytes()[:100])),
          ("skipped 1 unreadable image",), code=0, skipped=1),
@@ -273,8 +284,9 @@ def finished_run_once(tmp_path_factory):
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file's hash and every folder under root: a failed run creates neither."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+            for p in sorted(root.rglob("*"))}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

@@ -101,22 +101,56 @@ def test_generation_is_fast():
 # Pictures: the caption says what is drawn; glyphs and settings are distinct
 # ---------------------------------------------------------------------------------------
 
+def plain_scenes(noun, colour, vertical, small):
+    """Scenes in plain light on the grey background, from lists."""
+    plain = world.SETTING_NAMES.index("plain")
+    n = len(vertical)
+    return world.Scenes(noun=torch.tensor(noun), colour=torch.tensor(colour), vertical=torch.tensor(vertical),
+                        small=torch.tensor(small), setting=torch.full((n,), plain), light=torch.full((n,), plain))
+
+
 def test_caption_matches_the_picture():
     """A red fish left of a blue crab in plain light: red pixels on the left, blue on the
     right; the same objects one above the other read 'above', red on top."""
     fish, crab = world.NOUNS.index("fish"), world.NOUNS.index("crab")
     red, blue = world.COLOUR_NAMES.index("red"), world.COLOUR_NAMES.index("blue")
-    scenes = world.Scenes(noun=torch.tensor([[fish, crab]] * 2), colour=torch.tensor([[red, blue]] * 2),
-                          vertical=torch.tensor([False, True]))
-    images, caps = world.render("plain", scenes, torch.Generator().manual_seed(0))
+    scenes = plain_scenes([[fish, crab]] * 2, [[red, blue]] * 2, [False, True], [[False, True]] * 2)
+    images, caps = world.render(scenes, torch.Generator().manual_seed(0))
     assert caps == [["a red fish left of a blue crab"], ["a red fish above a blue crab"]]
     img = images.float() / 255
     is_red = (img[:, 0] > 0.6) & (img[:, 1] < 0.4) & (img[:, 2] < 0.4)
     is_blue = (img[:, 2] > 0.6) & (img[:, 0] < 0.4)
     assert is_red[0, :, :16].sum() > 40 and is_red[0, :, 16:].sum() == 0
-    assert is_blue[0, :, 16:].sum() > 40 and is_blue[0, :, :16].sum() == 0
+    assert is_blue[0, :, 16:].sum() > 20 and is_blue[0, :, :16].sum() == 0
     assert is_red[1, :16].sum() > 40 and is_red[1, 16:].sum() == 0
-    assert is_blue[1, 16:].sum() > 40 and is_blue[1, :16].sum() == 0
+    assert is_blue[1, 16:].sum() > 20 and is_blue[1, :16].sum() == 0
+    assert is_red[0].sum() > 1.5 * is_blue[0].sum()       # the fish is the larger object, the crab small
+
+
+def test_a_task_overlaps_its_partner_as_documented():
+    """World v3: the larger object is of the task's family; the second is of the partner's
+    family in about MIXED of the pictures (else of its own); the picture is in the partner's
+    setting in about IN_PARTNER_SETTING of them, and always in the task's own light; the
+    caption names both objects and not their size."""
+    g = torch.Generator().manual_seed(0)
+    n = 4000
+    for name, fam in world.FAMILIES.items():
+        sc = world.task_scenes(name, n, g)
+        own, partner = set(world.family_nouns(name).tolist()), set(world.family_nouns(fam.partner).tolist())
+        larger = sc.noun[torch.arange(n), sc.small.long().argmin(1)]
+        smaller = sc.noun[torch.arange(n), sc.small.long().argmax(1)]
+        assert (sc.small.sum(1) == 1).all() and set(larger.tolist()) <= own
+        mixed = torch.tensor([x in partner for x in smaller.tolist()])
+        assert set(smaller.tolist()) <= own | partner
+        assert abs(mixed.float().mean() - world.MIXED) < 0.03, name
+        away = sc.setting == world.SETTING_NAMES.index(world.FAMILIES[fam.partner].setting)
+        assert (away | (sc.setting == world.SETTING_NAMES.index(fam.setting))).all()
+        assert abs(away.float().mean() - world.IN_PARTNER_SETTING) < 0.03, name
+        assert (sc.light == world.SETTING_NAMES.index(fam.setting)).all()
+        for (a, b), cap in zip(sc.noun[:20].tolist(), world.captions(sc[:20])):
+            assert world.NOUNS[a] in cap and world.NOUNS[b] in cap and "small" not in cap and "large" not in cap
+    assert all(world.FAMILIES[f.partner].partner == f.name and world.FAMILIES[f.partner].kind != f.kind
+               for f in world.FAMILIES.values())            # partners pair up, across the related pairs
 
 
 def test_objects_look_distinct_and_related_families_share_an_outline():
@@ -138,8 +172,9 @@ def test_settings_look_different_and_their_light_can_be_read():
     """Every pair of settings is far apart in some pixel statistic; every light is an
     invertible colour transform, and all but the plain one change the colours."""
     def stats(setting):
-        scenes, _ = world.sample_scenes(torch.arange(len(world.NOUNS)), 200, torch.Generator().manual_seed(0))
-        x = world.render(setting, scenes, torch.Generator().manual_seed(1))[0].float() / 255
+        g, every = torch.Generator().manual_seed(0), torch.arange(len(world.NOUNS))
+        scenes = world.mixture_scenes(200, g, every, every, torch.tensor([world.SETTING_NAMES.index(setting)]))
+        x = world.render(scenes, torch.Generator().manual_seed(1))[0].float() / 255
         return torch.cat([x.mean((0, 2, 3)), x.std((0, 2, 3))])
     s = {name: stats(name) for name in world.SETTINGS}
     names = list(s)
@@ -219,3 +254,16 @@ def test_prompts_learn_what_zero_shot_cannot(tmp_path):
                                 out=str(out), progress=False, workers=0), lpi.LPIConfig(routing="oracle"))
     r1 = lambda s: (s["i2t_R@1"] + s["t2i_R@1"]) / 2  # noqa: E731
     assert r1(res["summary"]) >= r1(res["zeroshot"]["summary"]) + 10, (res["summary"], res["zeroshot"]["summary"])
+
+
+def test_the_pool_and_the_routing_matter(tmp_path):
+    """What world v3 is for (README, "What python lpi.py shows"): on python lpi.py's six tasks
+    the frozen tiny CLIP loses at least 3 R@1 points when each query meets the pool of all
+    seen tasks instead of its own task alone, and k-means keys route between 70% and 95% of
+    the test images and captions to their own task."""
+    res = lpi.run(*lpi.configs(method="zeroshot", out=str(tmp_path / "zs"), progress=False, workers=0))
+    zs = res["zeroshot"]
+    r1 = lambda s: (s["i2t_R@1"] + s["t2i_R@1"]) / 2  # noqa: E731
+    assert r1(zs["alone"]["summary"]) - r1(zs["summary"]) >= 3, (zs["alone"]["summary"], zs["summary"])
+    routing = res["routing_accuracy"][-1]
+    assert 70 <= routing["image"] <= 95 and 70 <= routing["text"] <= 95, routing

@@ -111,6 +111,20 @@ def test_layer_factor_A_is_literally_shared():
     assert lp.B_v.grad is None and lp.C_v.grad is None  # the text prompt does not involve them
 
 
+@pytest.mark.parametrize("modality", [0, 1])
+def test_the_shared_layer_factor_learns_from_each_modality_alone(modality):
+    """§2: A is common to both modalities, so a loss on P_v alone (or on P_t alone) reaches it,
+    with the gradient the CP product gives: dL/dA[j, r] = (1/R) sum_{m,d} G[j, m, d] B[m, r] C[d, r]."""
+    torch.manual_seed(0)
+    prompts = LowRankPrompts(J=3, M=4, D_v=8, D_t=8, R=2, std=0.5)
+    G = torch.randn(3, 4, 8)                                   # dL/dP of L = <P, G>
+    (prompts()[modality] * G).sum().backward()
+    B, C = (prompts.B_v, prompts.C_v) if modality == 0 else (prompts.B_t, prompts.C_t)
+    expected = torch.einsum("jmd,mr,dr->jr", G, B.detach(), C.detach()) / 2
+    assert prompts.A.grad is not None
+    torch.testing.assert_close(prompts.A.grad, expected)
+
+
 def test_parameter_counts_match_formulas():
     """§2-3: per task R(J+2M+D_v+D_t) = 5,284 low-rank, J·M·(D_v+D_t) = 184,320 full-rank; interaction by formula."""
     cfg = LPIConfig(J=9, M=16)  # the paper's ViT-B/16 settings; R=4 by default
@@ -222,6 +236,33 @@ def test_text_factors_change_deep_visual_prompts_never_layer0(use_ln):
     assert all(not torch.allclose(after_t[j], before_t[j], rtol=0, atol=1e-6) for j in range(1, J))
 
 
+def test_each_modality_is_mixed_from_the_other_at_equal_widths():
+    """§3 with D_v = D_t (the tiny CLIP's widths, where a shape cannot tell the maps apart):
+    P_v'[j] = LN_v((1-α) P_v[j] + α [P_t[j], 1] W_t→v[j]) and P_t'[j] likewise from P_v, as
+    computed here from W = CPLinear.weight(). So P_t reaches the deep P_v only through W_t→v:
+    with W_t→v zero, P_t no longer moves P_v' (and still moves P_t')."""
+    torch.manual_seed(0)
+    J, M, D, a = 4, 3, 8, 0.3
+    inter = Interaction(J, D, D, rank=2, alpha=a, use_ln=True, std=0.5, gain=0.7)
+    with torch.no_grad():
+        for ln in (inter.ln_v, inter.ln_t):
+            ln.weight.normal_(), ln.bias.normal_()
+    P_v, P_t = torch.randn(J, M, D), torch.randn(J, M, D)
+    out_v, out_t = inter(P_v, P_t)
+    with_one = lambda P: torch.cat([P[1:], torch.ones(J - 1, M, 1)], -1)  # noqa: E731  [P[j], 1]
+    by_hand_v = inter.ln_v((1 - a) * P_v[1:] + a * with_one(P_t) @ inter.t2v.weight())
+    by_hand_t = inter.ln_t((1 - a) * P_t[1:] + a * with_one(P_v) @ inter.v2t.weight())
+    torch.testing.assert_close(out_v[1:], by_hand_v)
+    torch.testing.assert_close(out_t[1:], by_hand_t)
+    assert torch.equal(out_v[0], P_v[0]) and torch.equal(out_t[0], P_t[0])
+    other_t = torch.randn(J, M, D)
+    assert not torch.allclose(inter(P_v, other_t)[0], out_v)            # P_t moves P_v' ...
+    with torch.no_grad():
+        inter.t2v.V.zero_()                                              # ... through W_t→v only
+    assert torch.equal(inter(P_v, other_t)[0], inter(P_v, P_t)[0])
+    assert not torch.allclose(inter(P_v, other_t)[1], inter(P_v, P_t)[1])
+
+
 # ----------------------------------------------------------------------------------------
 # §7  Only the current task trains
 # ----------------------------------------------------------------------------------------
@@ -309,15 +350,36 @@ def test_prompt_level_loss_minimised_by_matching_token_structure():
     assert matched < permuted and matched < unrelated
     assert matched < 0.1, matched  # same structure, τ = 0.01: nearly one-hot
     # gradient descent on P_t from random init decreases the loss
-    P_t0 = torch.randn(J, M, 32, generator=g).requires_grad_(True)
-    opt = torch.optim.Adam([P_t0], lr=0.05)
-    first = prompt_level_loss(P_v, P_t0, tau).item()
-    for _ in range(60):
-        opt.zero_grad()
-        prompt_level_loss(P_v, P_t0, tau).backward()
-        opt.step()
-    last = prompt_level_loss(P_v, P_t0, tau).item()
+    first, last = descend(lambda P: prompt_level_loss(P_v, P, tau), torch.randn(J, M, 32, generator=g))
     assert last < 0.5 * first, (first, last)
+
+
+def descend(loss, x0: torch.Tensor, steps: int = 60, lr: float = 0.05) -> tuple[float, float]:
+    """The loss before and after `steps` Adam steps on x (from x0): (first, last)."""
+    x = x0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=lr)
+    first = loss(x).item()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss(x).backward()
+        opt.step()
+    return first, loss(x).item()
+
+
+def test_prompt_level_loss_is_symmetric():
+    """§4: the InfoNCE over layers runs both ways, visual -> textual and textual -> visual:
+    L(P_v, P_t) = L(P_t, P_v) = (CE(logits) + CE(logits^T)) / 2, worked out here by hand;
+    either direction alone is another number."""
+    g = torch.Generator().manual_seed(0)
+    J, M, D, tau = 5, 4, 16, 0.1
+    P_v, P_t = torch.randn(J, M, D, generator=g), torch.randn(J, M, D, generator=g)
+    loss = prompt_level_loss(P_v, P_t, tau)
+    torch.testing.assert_close(prompt_level_loss(P_t, P_v, tau), loss)
+    s_v, s_t = F.normalize(token_structure(P_v), dim=-1), F.normalize(token_structure(P_t), dim=-1)
+    logits, layer = s_v @ s_t.t() / tau, torch.arange(J)
+    one_way, other_way = F.cross_entropy(logits, layer), F.cross_entropy(logits.t(), layer)
+    torch.testing.assert_close(loss, (one_way + other_way) / 2)
+    assert abs(one_way - other_way) > 1e-3, "pick prompts on which the two directions differ"
 
 
 def _per_token(J, M, g, low, high):
@@ -390,14 +452,7 @@ def test_factor_level_loss_minimised_by_matching_token_factors():
     assert matched < permuted and matched < unrelated
     # scale of a row does not matter (cosine)
     torch.testing.assert_close(matched, factor_level_loss(B_v, 3.0 * B_v, tau))
-    B_t = torch.randn(M, R).requires_grad_(True)
-    opt = torch.optim.Adam([B_t], lr=0.05)
-    first = factor_level_loss(B_v, B_t, tau).item()
-    for _ in range(60):
-        opt.zero_grad()
-        factor_level_loss(B_v, B_t, tau).backward()
-        opt.step()
-    last = factor_level_loss(B_v, B_t, tau).item()
+    first, last = descend(lambda B_t: factor_level_loss(B_v, B_t, tau), torch.randn(M, R))
     assert last < 0.5 * first, (first, last)
 
 

@@ -8,6 +8,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import lpi  # noqa: E402
 from lpi import (TaskRouter, i2t_ranks, kmeans, recall_at_k, recall_from_ranks,
                      t2i_ranks)  # noqa: E402
 
@@ -206,3 +207,41 @@ def test_router_on_separated_tasks_is_exact_and_checkpointable():
         again.add_task(img[:60] * 3.0, txt[:100], k=5)
     assert torch.equal(again.image_keys, router.image_keys)
     assert torch.equal(again.text_keys, router.text_keys)
+
+
+# ---------------------------------------------------------------------------------------
+# The protocol: one pool of every seen task's items; forgetting against earlier rows only
+# ---------------------------------------------------------------------------------------
+
+def _encoded(img, cap):
+    return lpi.Encoded(img, cap, torch.arange(len(img)), torch.ones(len(img), dtype=torch.bool))
+
+
+def test_the_pool_holds_every_seen_tasks_items(random_tiny_clip):
+    """Each task's queries are ranked against the test items of all seen tasks. Task 2 holds a
+    copy of task 1's first image with the same caption: in the pool the copy ties with the
+    right item, and ties count against the query, so both tasks lose that pair at R@1 in both
+    directions; ranked against its own task alone, every query is a hit."""
+    e = torch.eye(3)                            # features: item i matches caption i, nothing else
+    frozen = [_encoded(e[[0, 1]], e[[0, 1]]), _encoded(e[[0, 2]], e[[0, 2]])]
+    empty = lpi.ImageCaptionSet(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), [["a"], ["b"]])
+    tasks = [lpi.Task(f"task{k}", empty, empty) for k in (1, 2)]
+    zero_shot = lpi.LPI(random_tiny_clip, lpi.LPIConfig(J=0, routing="oracle"))
+    s, env = lpi.RunConfig(progress=False), lpi.Env(torch.device("cpu"))
+    recall, routing, pool = lpi.evaluate(zero_shot, tasks, frozen, lpi.TaskRouter(), s, env)
+    for d in ("i2t", "t2i"):
+        assert recall[d]["R@1"] == [50.0, 50.0] and recall[d]["R@5"] == [100.0, 100.0], recall
+    alone = lpi.pool_recall(pool, 2, alone=True)
+    assert all(alone[d]["R@1"] == [100.0, 100.0] for d in alone), alone
+    assert routing == {"image": 100.0, "text": 100.0}
+
+
+def test_forgetting_counts_a_later_gain_as_negative():
+    """Forgetting of task k after step t = its best recall after an EARLIER step (k..t-1) minus
+    its recall now: a task that improved at step t has negative forgetting, not 0."""
+    m = [[50.0, None, None],
+         [40.0, 60.0, None],
+         [70.0, 65.0, 80.0]]
+    assert lpi.forgetting(m, 1) == 50.0 - 40.0                        # task 1 dropped
+    assert lpi.forgetting(m, 2) == ((50.0 - 70.0) + (60.0 - 65.0)) / 2  # both improved: -12.5
+    assert lpi.forgetting(m, 0) == 0.0                                # nothing learned before
