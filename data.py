@@ -385,7 +385,8 @@ def subsample(data: ImageCaptionSet, n: int | None, seed: int = 0) -> ImageCapti
     if n is None or n >= len(data):
         return data
     keep = sorted(random.Random(seed).sample(range(len(data)), n))
-    return ImageCaptionSet(images=[data.images[i] for i in keep], captions=[data.captions[i] for i in keep])
+    images = data.images[torch.tensor(keep)] if isinstance(data.images, torch.Tensor) else [data.images[i] for i in keep]
+    return ImageCaptionSet(images=images, captions=[data.captions[i] for i in keep])
 
 
 def subsample_task(task: Task, max_train: int | None, max_test: int | None, seed: int = 0) -> Task:

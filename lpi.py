@@ -763,6 +763,9 @@ def make_optimizer(params: list[torch.Tensor], s: RunConfig) -> torch.optim.Opti
     return torch.optim.SGD(params, lr=s.lr, momentum=0.9, weight_decay=s.weight_decay)
 
 
+LOSS_CURVE_POINTS = 200   # at most about this many points of each task's learning curve in results.json
+
+
 def train_task(model: LPI, t: int, data: ImageCaptionSet, s: RunConfig, env: Env,
                targets: torch.Tensor | None) -> dict[str, float]:
     """Train task t's parameters (only those) on its pairs: the chosen optimiser, cosine
@@ -770,7 +773,8 @@ def train_task(model: LPI, t: int, data: ImageCaptionSet, s: RunConfig, env: Env
     With N processes each global batch is split among them in order, so they train as one
     process would with the global batch. Returns {"running": the loss terms' moving
     averages, "first_steps": the exact terms of the first 5 steps, "grad_norms": each
-    term's gradient norm at those steps, "prompt_scale": {"start", "end"} of the task}."""
+    term's gradient norm at those steps, "prompt_scale": {"start", "end"} of the task,
+    "loss_curve": {"step": [...], term: [...]} every few steps}."""
     from tqdm import tqdm
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -788,7 +792,9 @@ def train_task(model: LPI, t: int, data: ImageCaptionSet, s: RunConfig, env: Env
     preprocess = train_transform(model.clip.visual.input_resolution) if augment and files else env.preprocess
     model.train()
     bar = tqdm(total=total, desc=f"task {t + 1} train", disable=not s.progress)
-    log = {"running": {}, "first_steps": [], "grad_norms": [], "prompt_scale": {"start": prompt_scale(model)}}
+    log = {"running": {}, "first_steps": [], "grad_norms": [], "prompt_scale": {"start": prompt_scale(model)},
+           "loss_curve": {"step": []}}
+    every = max(1, total // LOSS_CURVE_POINTS)
     for step, (caps, x, ok) in enumerate((b for _ in range(s.epochs) for b in epoch_batches(data, s, env, g, preprocess)), 1):
         losses = train_step(model, opt, scaler, x, ok, caps, t, targets, env, where=f"task {t + 1}, step {step} of {total}",
                             augment=augment and not files, log_grads=len(log["grad_norms"]) < 5)
@@ -800,6 +806,10 @@ def train_task(model: LPI, t: int, data: ImageCaptionSet, s: RunConfig, env: Env
                               for k, v in values.items()}
             log["first_steps"] += [values] if len(log["first_steps"]) < 5 else []
             log["grad_norms"] += [norms] if norms is not None else []
+            if (step - 1) % every == 0 or step == total:   # the learning curve: every term, every few steps
+                log["loss_curve"]["step"].append(step)
+                for k, v in values.items():
+                    log["loss_curve"].setdefault(k, []).append(round(v, 6))
             bar.set_postfix({k: f"{v:.3f}" for k, v in log["running"].items()})
         bar.update(1)
     bar.close()
@@ -868,12 +878,38 @@ def row_summary(row: dict) -> dict:
     return out
 
 
+def authors_average(matrix: list[list[float | None]], t: int) -> float:
+    """The authors' "Average" after step t [code]: for each task k <= t, the mean of its recall
+    over the evaluations after steps k..t (every one since it was learned), then the mean over
+    tasks. Rows a method never filled (joint) are left out."""
+    means = []
+    for k in range(t + 1):
+        seen = [matrix[s][k] for s in range(k, t + 1) if matrix[s][k] is not None]
+        means += [sum(seen) / len(seen)] if seen else []
+    return sum(means) / len(means) if means else float("nan")
+
+
+def authors_forgetting(matrix: list[list[float | None]], t: int) -> float:
+    """The authors' forgetting after step t [code]: for each task k < t, its recall now minus
+    the best it had after an earlier step, summed over k and divided by t (their T - 1). It is
+    <= 0 unless a task improved later: the negative of `forgetting`."""
+    total = 0.0
+    for k in range(t):
+        earlier = [matrix[s][k] for s in range(k, t) if matrix[s][k] is not None]
+        total += matrix[t][k] - max(earlier) if earlier and matrix[t][k] is not None else 0.0
+    return total / t if t else 0.0
+
+
 def summarize(recall: dict, t: int) -> dict:
-    """After step t (0-based): row t's averages over tasks 1..t+1 and the average
-    forgetting of R@1 in each direction."""
+    """After step t (0-based): row t's averages over tasks 1..t+1, the average forgetting of
+    R@1 in each direction, and the authors' Average and forgetting of every recall, named as
+    theirs ("authors_average_i2t_R@1", "authors_forgetting_t2i_R@5", ...)."""
     out = row_summary({d: {K: m[t][: t + 1] for K, m in recall[d].items()} for d in ("i2t", "t2i")})
     for d in ("i2t", "t2i"):
         out[f"{d}_forgetting_R@1"] = forgetting(recall[d]["R@1"], t)
+        for K, m in recall[d].items():
+            out[f"authors_average_{d}_{K}"] = authors_average(m, t)
+            out[f"authors_forgetting_{d}_{K}"] = authors_forgetting(m, t)
     return out
 
 
@@ -1034,7 +1070,7 @@ def run_continual(model: LPI, tasks: list[Task], s: RunConfig, env: Env, config:
             continue
         data = union([tk.train for tk in tasks]) if joint else tasks[t].train
         log = train_task(model, idx, data, s, env, None if joint else Y)
-        for key in ("first_steps", "grad_norms", "prompt_scale"):
+        for key in ("first_steps", "grad_norms", "prompt_scale", "loss_curve"):
             p.results.setdefault(key, {})[tasks[t].name] = log.get(key, [])
         skipped += encode_frozen(model, tasks[: t + 1], frozen, s, env)  # counted once, also across --resume
         recall, routing, pool = evaluate(model, tasks[: t + 1], frozen[: t + 1], p.router, s, env)

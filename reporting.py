@@ -60,6 +60,9 @@ def format_table(results: dict, routed: bool) -> str:
     lines.append("-" * len(lines[0]))
     lines.append(row("average", method, [s[f"{d}_{K}"] for d, K in cols]))
     lines += [row("", "zeroshot", [zs["summary"][f"{d}_{K}"] for d, K in cols])] if zs else []
+    if "authors_average_i2t_R@1" in s:  # the authors' results script's summaries, in their sign
+        lines.append(row("authors' Average", method, [s[f"authors_average_{d}_{K}"] for d, K in cols]))
+        lines.append(row("authors' forgetting", method, [s[f"authors_forgetting_{d}_{K}"] for d, K in cols]))
     lines.append(f"mean recall {s['mean_recall']:.1f}" + (f" (zero-shot {zs['summary']['mean_recall']:.1f})" if zs else "")
                  + f"; average forgetting of R@1: i2t {s['i2t_forgetting_R@1']:.1f}, t2i {s['t2i_forgetting_R@1']:.1f}")
     if "alone" in results:

@@ -1,13 +1,16 @@
-"""The evidence table: every method, every single-component ablation of LPI, and the rank
-and depth sweeps, on the built-in tasks over several seeds, each run through `lpi.run`.
+"""The evidence: every method, every single-component ablation of LPI and every departure, the
+sweeps of the paper's tables (R, J, M with S-Prompts at the same M, alpha, R'), and the two
+experiments of benchmarks/loss_regimes.py, on the built-in tasks over five seeds, each run
+through `lpi.run`.
 
-Writes <out-dir>/evidence.md (mean ± std over seeds) and <out-dir>/evidence.json (every run's
-numbers behind it), then appends the parameter table at ViT-B/16 scale (LPI vs S-Prompts vs
-L2P, per task and after 12 tasks) from lpi.method_parameters. Rows that resolve to the same
-settings (R=4 and J=4 are LPI's defaults on the tiny CLIP) share their runs. Each run has
-its own folder under --work-dir; a finished run is reused and an interrupted one resumed,
-so an interrupted table continues where it stopped.
-Usage:  python benchmarks/evidence.py [--seeds 3] [--quick] [--max-train-per-task N] ...
+Writes <out-dir>/evidence.md (mean ± std over seeds, each row's paired difference with LPI and
+its 95% interval, the authors' Average and forgetting), <out-dir>/evidence.json (every run's
+numbers behind it), recall_vs_params.png (mean recall against trainable parameters per task)
+and recall_matrices.png, and the parameter tables at ViT-B/16 scale from lpi.method_parameters.
+Rows that resolve to the same settings (R=4, J=4, M=4, alpha=0.1 and R'=4 are LPI's defaults on
+the tiny CLIP) share their runs. Each run has its own folder under --work-dir; a finished run is
+reused and an interrupted one resumed, so an interrupted table continues where it stopped.
+Usage:  python benchmarks/evidence.py [--seeds 5] [--quick] [--rows WORDS] ...
 From Python: evidence.make_table(quick=True, out_dir=..., work_dir=...).
 """
 import argparse
@@ -15,6 +18,7 @@ import concurrent.futures
 import contextlib
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -27,17 +31,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import loss_regimes  # noqa: E402  (where the paper's two losses should help)
 import tune  # noqa: E402  (the settings of the ablations, and what makes two runs the same experiment)
 
-# Default size: the whole table (18 distinct settings x 3 seeds = 54 runs) in about half an
-# hour on 2 CPU cores, at lpi.py's tiny defaults (J=M=R=4, 8 epochs, batch 64) on the six
-# built-in tasks with 400 of their 1,000 training images each (the full 100 test images).
+# Default size: lpi.py's tiny defaults (J=M=R=4, 8 epochs, batch 64) on the six built-in tasks
+# with 400 training images each (of lpi.py's 1,000) and the full 100 test images; five seeds.
 # --quick: a smoke test of the script (< 1 min).
 DEFAULT_SIZE = dict(max_train_per_task=400, max_test_per_task=100)
 QUICK_SIZE = dict(max_train_per_task=32, max_test_per_task=16, epochs=1, batch_size=16, tasks="sea-animals,garden-tools")
 
 METRICS = ("i2t_R@1", "t2i_R@1", "mean_recall", "i2t_forgetting_R@1", "t2i_forgetting_R@1",
-           "routing_image", "routing_text", "wall_time_s")
+           "routing_image", "routing_text", "wall_time_s",
+           "authors_average_i2t_R@1", "authors_average_t2i_R@1", "authors_forgetting_i2t_R@1", "authors_forgetting_t2i_R@1")
+# Every recall's authors' Average and forgetting (lpi.summarize), kept per run in evidence.json
+AUTHORS = tuple(f"authors_{m}_{d}_R@{K}" for m in ("average", "forgetting") for d in ("i2t", "t2i") for K in (1, 5, 10))
 ROUTED = ("lpi", "sprompts")  # the methods whose routing accuracy means something
 
 
@@ -48,7 +55,12 @@ TUNING = ROOT / "benchmarks" / "results" / "tuning.json"
 BEFORE = dict(optimizer="sgd", lr=0.05, deep_prompts="replace", hier_tau_scaled=False, interaction_gain=1.0,
               hier_factor=True)
 # The single-component ablations and our departures, as the settings they change (tune.SETTINGS)
-ABLATIONS = ("full-rank", "no-interaction", "no-hier-prompt", "hier-factor", "no-task-loss", "routing oracle", "alpha=0")
+ABLATIONS = ("full-rank", "no-interaction", "alpha=0", "no-interaction-ln", "no-hier-prompt", "hier-factor", "no-task-loss",
+             "routing oracle")
+# The sweeps of the paper's tables (LPI at its protocol choice; S-Prompts at the same M at its own)
+SWEEPS = (("LPI rank", "R", "R", (1, 2, 4, 8, 16)), ("LPI depth", "J", "J", (1, 2, 3, 4)),
+          ("LPI length", "M", "M", (1, 2, 4, 8)), ("LPI alpha", "alpha", "alpha", (0.0, 0.1, 0.3, 0.5, 1.0)),
+          ("LPI interaction rank", "R'", "interaction_rank", (1, 4, 16)))
 DEPARTURES = ("deep-prompts=replace", "hier-unscaled", "interaction-gain=1")
 
 
@@ -63,19 +75,20 @@ def tuned(label: str) -> dict:
 
 
 def table_rows(depth: int, quick: bool) -> list[tuple[str, str, dict]]:
-    """(group, label, the settings it changes: lpi.configs keywords) for every row of the table."""
+    """(group, label, the settings it changes: lpi.configs keywords) for every row of the table.
+    depth: the tiny CLIP's layers (J = depth prompts every layer)."""
     rows = [("method", m, {"method": m}) for m in ("zeroshot", "seqft", "sprompts", "l2p", "joint", "lpi")]
     # S-Prompts with the authors' recipe too: the protocol's choice for it is not the only fair one
     rows.insert(3, ("method", "sprompts (SGD 0.05)", {"method": "sprompts", "optimizer": "sgd", "lr": 0.05}))
-    changes = dict(tune.SETTINGS, **{"no-task-loss": {"task_loss": False}, "routing oracle": {"routing": "oracle"}})
-    rows += [("LPI ablation", label, dict(changes[label], **tuned(label)))
-             for label in ABLATIONS]
+    changes = dict(tune.SETTINGS, **{"routing oracle": {"routing": "oracle"}})
+    rows += [("LPI ablation", label, dict(changes[label], **tuned(label))) for label in ABLATIONS]
     # our departures from the authors' code, one at a time, and LPI as it was before them
     rows += [("LPI departure", label, dict(changes[label], **tuned(label))) for label in DEPARTURES]
     rows += [("LPI departure", "before the fixes", dict(BEFORE))]
-    rows += [("LPI rank", f"R={r}", {"R": r}) for r in (1, 2, 4, 8, 16)]
-    rows += [("LPI depth", f"J={j}", {"J": j}) for j in (1, 2, 4)]
-    rows += [("LPI depth", f"J=all ({depth})", {"J": depth})]
+    for group, symbol, name, values in SWEEPS:
+        rows += [(group, f"{symbol}={v:g}", {name: v}) for v in values if name != "J" or v <= depth]
+        if name == "M":  # S-Prompts at the same prompt length
+            rows += [("S-Prompts length", f"M={v:g} (sprompts)", {"method": "sprompts", "M": v}) for v in values]
     if quick:  # a method without training, one with a pool, LPI, and a row sharing LPI's runs
         rows = [r for r in rows if r[1] in ("zeroshot", "l2p", "lpi", "R=4")]
     return rows
@@ -89,7 +102,7 @@ def resolved_settings(settings: dict) -> str:
 
 def run_metrics(res: dict) -> dict:
     s, r = res["summary"], res["routing_accuracy"][-1]
-    out = {k: s[k] for k in METRICS[:5]}
+    out = {k: s[k] for k in METRICS[:5] + AUTHORS}
     out.update(routing_image=r["image"], routing_text=r["text"], wall_time_s=res["wall_time_s"],
                optimizer=res["config"]["optimizer"], lr=res["config"]["lr"])
     return out
@@ -123,6 +136,30 @@ def job(spec: tuple[dict, str, int | None]) -> tuple:
     t0, c0 = time.time(), time.process_time()
     res = run_one(lpi, settings, Path(out))
     return settings, out, res, time.time() - t0, time.process_time() - c0
+
+
+# Student's t, 97.5% quantile, by degrees of freedom: the half-width of a 95% interval of a
+# mean of n paired differences is T975[n - 1] * sd / sqrt(n).
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> dict:
+    """a - b at each seed both have ({seed: value}): the mean difference, its 95% interval
+    (paired t) and whether the interval excludes 0 ("beyond noise")."""
+    seeds = sorted(a.keys() & b.keys())
+    d = [a[s] - b[s] for s in seeds]
+    mean = statistics.fmean(d)
+    half = T975.get(len(d) - 1, 1.96) * statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return dict(seeds=seeds, diffs=d, mean=mean, low=mean - half, high=mean + half,
+                beyond_noise=len(d) > 1 and abs(mean) > half)
+
+
+def paired_cell(p: dict | None) -> str:
+    if p is None:
+        return "—"
+    if len(p["diffs"]) < 2:
+        return f"{p['mean']:+.1f} (one seed)"
+    return f"{p['mean']:+.1f} [{p['low']:+.1f}, {p['high']:+.1f}]" + (" *" if p["beyond_noise"] else "")
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -202,7 +239,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes, one seed, a few rows: a smoke test of the script")
-    p.add_argument("--seeds", type=int, default=None, help="seeds 0..n-1 (default 3; 1 with --quick)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds 0..n-1 (default 5; 1 with --quick)")
     p.add_argument("--max-train-per-task", type=int, default=None,
                    help=f"training images per task (default {DEFAULT_SIZE['max_train_per_task']})")
     p.add_argument("--max-test-per-task", type=int, default=None,
@@ -272,18 +309,65 @@ def run_all(jobs: list, n_jobs: int) -> dict[str, list[dict]]:
 
 
 def table(rows: list, runs: dict, fixed: dict) -> list[dict]:
-    """One dict per row: its runs, their mean and std per metric, and the row whose runs it shares."""
+    """One dict per row: its runs, their mean and std per metric, the row whose runs it shares,
+    and its mean recall's paired difference with LPI's (same seeds)."""
     out = []
     for group, label, changes in rows:
         key = resolved_settings({**fixed, **changes})
         rs, method = runs[key], changes.get("method", "lpi")
-        stats = {m: mean_std([r[m] for r in rs]) for m in METRICS}
+        stats = {m: mean_std([r[m] for r in rs]) for m in METRICS + AUTHORS}
         shared_with = next(lb for _, lb, c in rows if resolved_settings({**fixed, **c}) == key)
         out.append(dict(group=group, label=label, settings=changes, method=method,
                         same_runs_as=None if shared_with == label else shared_with,
                         routed=method in ROUTED, trainable_params=rs[0]["trainable_params"],
                         mean={m: v[0] for m, v in stats.items()}, std={m: v[1] for m, v in stats.items()}, runs=rs))
+    ref = next((r for r in out if r["label"] == "lpi"), None)
+    by_seed = lambda r: {x["seed"]: x["mean_recall"] for x in r["runs"]}  # noqa: E731
+    for r in out:
+        r["vs_lpi"] = None if ref is None or r is ref or r["same_runs_as"] == "lpi" else paired(by_seed(r), by_seed(ref))
     return out
+
+
+def vitb16_parameters(lpi, rows: list) -> list[dict]:
+    """Each trained row's trainable parameters per task at ViT-B/16 scale (D_v=768, D_t=512,
+    E=512), with the paper's J=9, M=16 where the row does not set them."""
+    out = []
+    for r in rows:
+        if r["method"] == "zeroshot":
+            continue
+        run, cfg = lpi.configs(**{k: v for k, v in r["settings"].items() if k not in ("optimizer", "lr")})
+        cfg = lpi.dataclasses.replace(cfg, J=cfg.J if cfg.J is not None else 9, M=cfg.M if cfg.M is not None else 16)
+        p = lpi.method_parameters(run.method, cfg, 768, 512, 512)
+        out.append(dict(label=r["label"], tiny=r["trainable_params"]["total"], vitb16=p["total"]))
+    return out
+
+
+def plot_recall_vs_params(out_rows: list, path: Path) -> None:
+    """Mean recall (± std over seeds) against trainable parameters per task (log scale): the
+    methods as points, each sweep as a line through its points; zero-shot as a dashed line."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8.5, 5.5))
+    ax = fig.subplots()
+    x = lambda r: r["trainable_params"]["total"]  # noqa: E731
+    for group in dict.fromkeys(r["group"] for r in out_rows):
+        rs = [r for r in out_rows if r["group"] == group and r["method"] != "zeroshot"]
+        if not rs:
+            continue
+        sweep = group.startswith(("LPI rank", "LPI depth", "LPI length", "LPI interaction", "S-Prompts length"))
+        xs, ys, es = [x(r) for r in rs], [r["mean"]["mean_recall"] for r in rs], [r["std"]["mean_recall"] for r in rs]
+        ax.errorbar(xs, ys, yerr=es, fmt="-o" if sweep else "o", ms=4, capsize=2, lw=1, label=group)
+        for r, xi, yi in zip(rs, xs, ys):
+            ax.annotate(r["label"], (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=6)
+    zs = next((r for r in out_rows if r["method"] == "zeroshot"), None)
+    if zs:
+        ax.axhline(zs["mean"]["mean_recall"], ls="--", c="grey", lw=1, label="zero-shot (0 parameters)")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters per task (log scale)")
+    ax.set_ylabel("mean recall after the last task (%)")
+    ax.set_title("Mean recall against parameters per task (mean ± std over seeds)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
 def markdown(out_rows: list, size: dict, seeds: list, a, n_jobs: int, minutes: float, lpi) -> str:
@@ -310,19 +394,81 @@ def markdown(out_rows: list, size: dict, seeds: list, a, n_jobs: int, minutes: f
              "tasks 1..T-1. Routing: accuracy of the k-means task routing (mean of images and captions) after "
              "the last task, only for the methods that route. Params: trainable per task (L2P: its whole pool, "
              "trained at every task). Wall time: the continual loop's, per run.", "",
-             "| group | row | optimiser, lr | i2t R@1 | t2i R@1 | mean recall | forgetting i2t | forgetting t2i | "
-             "routing | params / task | wall time (s) |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "vs LPI: the row's mean recall minus LPI's at the same seed, mean and 95% interval (paired t over "
+             "the seeds); * marks a difference whose interval excludes 0 (beyond the seeds' noise).", "",
+             "| group | row | optimiser, lr | i2t R@1 | t2i R@1 | mean recall | vs LPI [95%] | forgetting i2t | "
+             "forgetting t2i | routing | params / task | wall time (s) |",
+             "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in out_rows:
         routing = "—"
         if r["routed"]:
             routing = cell(*mean_std([(x["routing_image"] + x["routing_text"]) / 2 for x in r["runs"]]))
         label = r["label"] + (f" (= {r['same_runs_as']})" if r["same_runs_as"] else "")
-        cells = [cell(r["mean"][m], r["std"][m]) for m in METRICS[:5]]
+        cells = [cell(r["mean"][m], r["std"][m]) for m in METRICS[:3]] + [paired_cell(r.get("vs_lpi"))]
+        cells += [cell(r["mean"][m], r["std"][m]) for m in METRICS[3:5]]
         cells += [routing, f"{r['trainable_params']['total']:,}", cell(r["mean"]["wall_time_s"], r["std"]["wall_time_s"])]
         opt = "—" if r["method"] == "zeroshot" else f"{r['runs'][0]['optimizer']} {r['runs'][0]['lr']:g}"
         lines.append(f"| {r['group']} | {label} | {opt} | " + " | ".join(cells) + " |")
+    lines += ["", "## The authors' metrics", "",
+              "As the authors' results script computes them, from the same runs. Average: for each task the mean of "
+              "its R@1 over every evaluation from the one right after it was learned to the last, then the mean over "
+              "tasks. Forgetting: for each task its final R@1 minus its best earlier one, summed over tasks and divided "
+              "by T - 1 (their sign: <= 0 unless a task improved later). evidence.json holds R@5 and R@10 too.", "",
+              "| row | Average i2t R@1 | Average t2i R@1 | forgetting i2t R@1 | forgetting t2i R@1 |", "|---|---:|---:|---:|---:|"]
+    for r in out_rows:
+        if not r["same_runs_as"]:
+            lines.append(f"| {r['label']} | " + " | ".join(cell(r["mean"][m], r["std"][m]) for m in METRICS[8:]) + " |")
     return "\n".join(lines)
+
+
+def experiments_markdown(exps: dict) -> str:
+    lines = ["## Where the losses should help (benchmarks/loss_regimes.py)", "",
+             "Each regime was written down before its runs (loss_regimes.py's docstring). Paired by seed: the arm "
+             "with the loss minus the arm without it; * marks an interval that excludes 0.", "",
+             "| experiment | regime | measured | with the loss | without it | with - without [95%] |", "|---|---|---|---:|---:|---|"]
+    for name, e in exps.items():
+        w, wo = ([v for _, v in sorted(e["arms"][arm].items())] for arm in ("with", "without"))
+        lines.append(f"| {name} | {e['regime']} | {e['measure']} | {cell(*mean_std(w))} | {cell(*mean_std(wo))} | "
+                     f"{paired_cell(e['paired'])} |")
+    return "\n".join(lines)
+
+
+def vitb16_markdown(params: list[dict]) -> str:
+    lines = ["## Every row's parameters per task at ViT-B/16 scale", "",
+             "The same settings on ViT-B/16 (D_v = 768, D_t = 512, E = 512; J = 9, M = 16 where a row does not set "
+             "them), counted by `lpi.method_parameters`: the counterpart of recall_vs_params.png's x axis.", "",
+             "| row | tiny CLIP | ViT-B/16 |", "|---|---:|---:|"]
+    lines += [f"| {p['label']} | {p['tiny']:,} | {p['vitb16']:,} |" for p in params]
+    return "\n".join(lines)
+
+
+def run_experiments(seeds: list, work: Path, fixed: dict, n_jobs: int, threads: int | None) -> dict:
+    """loss_regimes.EXPERIMENTS over the seeds: each arm's measured value per seed and the
+    paired difference with - without."""
+    specs = loss_regimes.jobs(seeds, work, fixed)
+    pool = concurrent.futures.ProcessPoolExecutor(n_jobs, mp_context=multiprocessing.get_context("spawn"))
+    values: dict = {}
+    for f in concurrent.futures.as_completed([pool.submit(experiment_job, (spec, threads)) for spec in specs]):
+        name, arm, pair, seed, value, _ = f.result()
+        values.setdefault(name, {}).setdefault(arm, {}).setdefault(seed, []).append(value)
+        print(f"experiment {name}, {arm}, seed {seed}{'' if pair is None else f', pair {pair}'}: {value:.1f}", flush=True)
+    pool.shutdown()
+    out = {}
+    for name, arms in values.items():
+        e = loss_regimes.EXPERIMENTS[name]
+        arms = {arm: {seed: statistics.fmean(v) for seed, v in by_seed.items()} for arm, by_seed in arms.items()}
+        out[name] = dict(regime=e["regime"], measure=e["measure"], settings=e["arms"], arms=arms,
+                         paired=paired(arms["with"], arms["without"]))
+    return out
+
+
+def experiment_job(spec_threads: tuple) -> tuple:
+    import torch
+
+    spec, threads = spec_threads
+    if threads:
+        torch.set_num_threads(threads)
+    return loss_regimes.run(spec)
 
 
 def make_table(**options) -> dict:
@@ -352,7 +498,7 @@ def build(a) -> dict:
     if threads:
         torch.set_num_threads(threads)
     size, fixed = sizes_and_settings(a, lpi)
-    seeds = list(range(a.seeds if a.seeds is not None else (1 if a.quick else 3)))
+    seeds = list(range(a.seeds if a.seeds is not None else (1 if a.quick else 5)))
     out_dir = Path(a.out_dir or (ROOT / ("runs/evidence_quick" if a.quick else "benchmarks/results")))
     work = Path(a.work_dir or (ROOT / ("runs/evidence_quick" if a.quick else "runs/evidence")))
     t_start = time.time()
@@ -367,18 +513,24 @@ def build(a) -> dict:
     print(f"{len(rows)} rows, {len(distinct)} distinct settings x {len(seeds)} seed(s) = {len(jobs)} runs; "
           f"sizes {size}; {n_jobs} parallel job(s), torch threads {threads or torch.get_num_threads()} each", flush=True)
     out_rows = table(rows, run_all(jobs, n_jobs), fixed)
+    exps = {} if a.quick or a.rows else run_experiments(seeds, work / "loss_regimes", fixed, n_jobs, threads)
     params, ptable = parameter_table(lpi)
-    md = markdown(out_rows, size, seeds, a, n_jobs, (time.time() - t_start) / 60, lpi) + "\n\n" + ptable + "\n"
+    vit = vitb16_parameters(lpi, [r for r in out_rows if not r["same_runs_as"]])
+    md = "\n\n".join([markdown(out_rows, size, seeds, a, n_jobs, (time.time() - t_start) / 60, lpi)]
+                     + ([experiments_markdown(exps)] if exps else []) + [vitb16_markdown(vit), ptable]) + "\n"
     total = time.time() - t_start
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "evidence.md").write_text(md)
     evidence = dict(settings=dict(size, seeds=seeds, quick=a.quick, jobs=n_jobs, torch_threads=torch.get_num_threads(),
                                   machine=platform.platform(), shared_settings=fixed),
-                    rows=out_rows, parameters_vitb16=params, total_time_s=total)
+                    rows=out_rows, experiments=exps, parameters_vitb16=params, rows_vitb16=vit, total_time_s=total,
+                    cpu_time_s=sum(x["cpu_time_s"] for r in out_rows if not r["same_runs_as"] for x in r["runs"]))
     (out_dir / "evidence.json").write_text(json.dumps(evidence, indent=2))
     plot_matrices(work, slug_of, rows, fixed, seeds, out_dir / "recall_matrices.png")
+    plot_recall_vs_params(out_rows, out_dir / "recall_vs_params.png")
     print(md)
-    print(f"wrote {out_dir / 'evidence.md'}, {out_dir / 'evidence.json'} and {out_dir / 'recall_matrices.png'} "
+    print(f"wrote {out_dir / 'evidence.md'}, {out_dir / 'evidence.json'}, {out_dir / 'recall_matrices.png'} and "
+          f"{out_dir / 'recall_vs_params.png'} "
           f"in {total / 60:.1f} min")
     return evidence
 

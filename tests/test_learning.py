@@ -189,6 +189,12 @@ def test_training_log_holds_each_terms_gradient_norm_and_the_prompt_scale(tmp_pa
         assert norms[0]["clip"] > 0
         scale = saved["prompt_scale"][name]
         assert set(scale) == {"start", "end"} and scale["start"]["P_v[0]"] != scale["end"]["P_v[0]"]
+        curve = saved["loss_curve"][name]                  # 3 batches x 2 epochs: every step is kept
+        assert curve["step"] == [1, 2, 3, 4, 5, 6] and set(curve) == expect | {"step", "total"}
+        assert curve["clip"][:5] == [round(f["clip"], 6) for f in saved["first_steps"][name]]
+        for i in range(6):
+            torch.testing.assert_close(curve["total"][i], sum(model.loss_weights()[k] * curve[k][i] for k in expect),
+                                       atol=1e-5, rtol=0)
     assert res["grad_norms"] == saved["grad_norms"]
 
 

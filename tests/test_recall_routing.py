@@ -245,3 +245,22 @@ def test_forgetting_counts_a_later_gain_as_negative():
     assert lpi.forgetting(m, 1) == 50.0 - 40.0                        # task 1 dropped
     assert lpi.forgetting(m, 2) == ((50.0 - 70.0) + (60.0 - 65.0)) / 2  # both improved: -12.5
     assert lpi.forgetting(m, 0) == 0.0                                # nothing learned before
+
+
+def test_the_authors_average_and_forgetting_on_a_hand_made_matrix():
+    """The authors' results script: Average = for each task the mean of its recall over every
+    evaluation since it was learned, then the mean over tasks; forgetting = for each earlier
+    task its final recall minus its best before, summed, divided by T - 1 (their sign)."""
+    m = [[50.0, None, None],
+         [40.0, 60.0, None],
+         [70.0, 65.0, 80.0]]
+    assert lpi.authors_average(m, 2) == ((50 + 40 + 70) / 3 + (60 + 65) / 2 + 80) / 3   # 65.28
+    assert lpi.authors_average(m, 1) == ((50 + 40) / 2 + 60) / 2                      # 52.5
+    assert lpi.authors_forgetting(m, 2) == ((70 - 50) + (65 - 60)) / 2                  # +12.5: both improved
+    assert lpi.authors_forgetting(m, 1) == (40 - 50) / 1                               # -10: task 1 dropped
+    assert lpi.authors_forgetting(m, 2) == -lpi.forgetting(m, 2)                       # the negative of ours
+    joint = [[None, None], [70.0, 80.0]]                                               # trained once, at the end
+    assert lpi.authors_average(joint, 1) == 75.0 and lpi.authors_forgetting(joint, 1) == 0.0
+    summary = lpi.summarize({d: {"R@1": m} for d in ("i2t", "t2i")}, 2)
+    assert summary["authors_average_t2i_R@1"] == lpi.authors_average(m, 2)
+    assert summary["authors_forgetting_i2t_R@1"] == 12.5 and summary["i2t_forgetting_R@1"] == -12.5
