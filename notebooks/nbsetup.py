@@ -3,9 +3,13 @@
 Puts the repository (one folder up) on the import path, imports what the notebooks use,
 fixes threads, seed and figure size, and defines
   show(obj, start, stop)  the source of a function or class as it is in lpi.py, clip_model.py
-                          or a module beside them (imported, never copied into a notebook)
+                          or a module beside them (imported, never copied into a notebook);
+                          a decorated function (@torch.no_grad) shows its own source
+  check(condition, claim) the check below a sentence of prose: prints "✓ claim", or raises
+                          AssertionError(claim) when the claim no longer holds
+  timed(what)             a context manager that prints how long its block took
   run_lpi(**settings)     a whole run (lpi.run, as `python lpi.py`) in this process, into a
-                          temporary folder
+                          temporary folder; it says how long it took
   WORK, CACHE             that temporary folder (removed when the kernel exits)
 """
 import contextlib
@@ -17,6 +21,7 @@ import pathlib
 import sys
 import tempfile
 import textwrap
+import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -35,7 +40,7 @@ import lpi  # noqa: E402
 import reporting  # noqa: E402
 
 __all__ = ["ROOT", "CACHE", "WORK", "RC", "F", "Image", "Markdown", "clip_model", "contextlib", "display", "inspect", "io",
-           "json", "lpi", "math", "pathlib", "plt", "run_lpi", "show", "sys", "tempfile", "textwrap", "torch", "world",
+           "json", "lpi", "math", "pathlib", "plt", "run_lpi", "show", "check", "timed", "time", "sys", "tempfile", "textwrap", "torch", "world",
            "data", "reporting", "baselines"]
 
 # One thread: the tests run two notebooks side by side on two cores, and the tiny CLIP's
@@ -51,7 +56,9 @@ CACHE = WORK.name  # the tiny CLIP ships with the repository (tiny_clip.pt.xz): 
 
 def show(obj, start=None, stop=None):
     """Show the source of `obj` as it is in the repository: all of it, or from the first line
-    containing `start` through the next one containing `stop`."""
+    containing `start` through the next one containing `stop`. Decorators are unwrapped, so
+    that a @torch.no_grad function shows its own source, not the decorator's."""
+    obj = inspect.unwrap(obj)
     lines, first = inspect.getsourcelines(obj)
     i = 0 if start is None else next(k for k, line in enumerate(lines) if start in line)
     j = len(lines) if stop is None else next(k for k, line in enumerate(lines[i:], i) if stop in line) + 1
@@ -59,19 +66,38 @@ def show(obj, start=None, stop=None):
     display(Markdown(f"`{where}`\n```python\n{textwrap.dedent(''.join(lines[i:j]))}```"))
 
 
+def check(condition, claim: str) -> None:
+    """The check of a sentence of prose: "✓ claim" when it holds; AssertionError(claim) when it
+    does not, so that a notebook whose prose went stale fails when it is executed."""
+    if not condition:
+        raise AssertionError(f"no longer true: {claim}")
+    print(f"✓ {claim}")
+
+
+@contextlib.contextmanager
+def timed(what: str):
+    """Print how long the block took: `with timed("40 steps"): ...`."""
+    t0 = time.perf_counter()
+    yield
+    print(f"{what}: {time.perf_counter() - t0:.0f} s")
+
+
 def run_lpi(report=True, **settings):
     """A whole run, as `python lpi.py` does it (lpi.run), in this process, into a fresh
     temporary folder; settings are lpi.configs keywords (method="seqft", epochs=2, R=2, ...).
     Prints lpi.py's report (or, with report=False, its mean-recall line; the folder shown as
-    <out>); returns (results.json as a dict, the folder)."""
+    <out>) and how long the run took; returns (results.json as a dict, the folder)."""
     out = tempfile.mkdtemp(dir=WORK.name)
     s, cfg = lpi.configs(**{"cache_dir": CACHE, "progress": False, "workers": 0, **settings, "out": out})
     log = io.StringIO()
+    t0 = time.perf_counter()
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         results = lpi.run(s, cfg)
+    took = time.perf_counter() - t0
     text = (log.getvalue() + lpi.report(results, out)).replace(out, "<out>").replace(CACHE, "<cache>")
     changed = ", ".join(f"{k}={v}" for k, v in settings.items())
     print(text if report else changed + ": " + next(l for l in text.splitlines() if l.startswith("mean recall")))
+    print(f"(this run took {took:.0f} s)")
     if get_ipython() is not None:
         get_ipython().run_line_magic("matplotlib", "inline")  # lpi's plots switched matplotlib to Agg
     plt.rcParams.update(RC)
