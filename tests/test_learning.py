@@ -230,15 +230,38 @@ def test_protocol_chooses_each_settings_best_point_and_lpi_uses_it():
 
 
 def test_tuning_script_runs_end_to_end_and_writes_its_grid(tmp_path):
-    """benchmarks/tune.py --quick: two settings at two grid points, scored on the held-out split."""
+    """benchmarks/tune.py --quick: two settings at two grid points on continual validation
+    tasks over two seeds, and the check of its predictiveness against full runs."""
     import tune
 
     assert tune.main(["--quick", "--jobs", "1", "--out-dir", str(tmp_path), "--work-dir", str(tmp_path / "w")]) == 0
     out = json.loads((tmp_path / "tuning.json").read_text())
-    assert set(out["chosen"]) == {"lpi", "sprompts", "seqft", "joint"}
-    assert out["chosen"]["seqft"] == out["chosen"]["joint"] == out["chosen"]["lpi"]  # they share LPI's runs
+    assert set(out["chosen"]) == {"lpi", "sprompts"}
     for name, points in out["scores"].items():
         assert len(points) == 2 and all(0 <= p["mean_recall"] <= 100 for p in points)
         best = max(points, key=lambda p: p["mean_recall"])
         assert out["chosen"][name]["optimizer"] == best["optimizer"]
-    assert "| lpi |" in (tmp_path / "tuning.md").read_text()
+    seeds = {p.name for p in (tmp_path / "w" / "grid").glob("*/seed*")}
+    assert seeds == {"seed0", "seed1"}                                   # every point over two seeds
+    assert {p.name for p in (tmp_path / "w" / "six").glob("*/seed*")} == {"seed100", "seed101"}  # stage 2
+    for name, r in out["predictiveness"].items():
+        assert len(r["points"]) == len(r["full_run"]) == 2
+        for kind in ("grid", "six", "one-task"):                     # each protocol's scores at the points
+            rho = r[kind]["spearman"]                                  # None where a side is constant
+            assert len(r[kind]["scores"]) == 2 and (rho is None or -1 <= rho <= 1) and r[kind]["regret"] >= 0
+        assert r["grid"]["scores"] == [p["mean_recall"] for p in out["scores"][name]]
+        chosen = out["chosen"][name]
+        six = {(p["optimizer"], p["lr"]): p["mean_recall"] for p in out["six_task_scores"][name]}
+        assert six[(chosen["optimizer"], chosen["chosen_lr"])] == max(six[tuple(p)] for p in out["top"][name])
+    md = (tmp_path / "tuning.md").read_text()
+    assert "| lpi |" in md and "ρ with the full run" in md
+
+
+def test_spearman_by_hand():
+    import tune
+
+    assert tune.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert tune.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    assert tune.ranks([5.0, 1.0, 5.0, 3.0]) == [3.5, 1.0, 3.5, 2.0]        # ties share their mean rank
+    assert abs(tune.spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) - 0.8) < 1e-12  # 1 - 6 * 4 / (5 * 24)
+    assert tune.spearman([1, 2, 3], [5, 5, 5]) is None                     # no order to predict
