@@ -46,15 +46,21 @@ def test_evidence_quick_table_is_the_runs_numbers(tmp_path):
 
 
 def test_rows_share_runs_exactly_when_their_settings_resolve_alike():
-    """R=4 and J=4 are LPI's tiny-scale defaults: the same experiment as the lpi row. Every
-    other row is a distinct experiment, and each changes what its label says."""
+    """R=4, J=4, M=4, alpha=0.1 and R'=4 are LPI's tiny-scale defaults: the same experiment as
+    the lpi row. Every other row is a distinct experiment, and each changes what its label says."""
     evidence = load_script("evidence")
     rows = evidence.table_rows(depth=4, quick=False)
     fixed = dict(evidence.DEFAULT_SIZE, progress=False)
     slug_of, distinct = evidence.distinct_settings(rows, fixed)
     key = {label: evidence.resolved_settings({**fixed, **changes}) for _, label, changes in rows}
-    assert key["R=4"] == key["J=4"] == key["J=all (4)"] == key["lpi"]
-    assert len(distinct) == len(rows) - 3
+    assert key["R=4"] == key["J=4"] == key["M=4"] == key["alpha=0.1"] == key["R'=4"] == key["lpi"]
+    assert len(set(key)) == len(rows)                               # no two rows share a label
+    assert key["M=4 (sprompts)"] == key["sprompts"]                  # S-Prompts' M is 4 too
+    # the alpha=0 ablation at its own tuned lr is the sweep's alpha=0 point when that lr is LPI's
+    own = evidence.tuned("alpha=0")
+    same = (own["optimizer"], own["lr"]) == (lpi.TUNED["lpi"]["optimizer"], lpi.TUNED["lpi"]["lr"][own["optimizer"]])
+    assert (key["alpha=0 (own lr)"] == key["alpha=0"]) == same
+    assert len(distinct) == len(set(key.values())) == len(rows) - 5 - 1 - same
     base = json.loads(key["lpi"])
     for label, want in (("full-rank", {"low_rank": False}), ("R=2", {"R": 2}), ("no-task-loss", {"task_loss": False}),
                         ("deep-prompts=replace", {"deep_prompts": "replace"}), ("routing oracle", {"routing": "oracle"})):
@@ -63,15 +69,21 @@ def test_rows_share_runs_exactly_when_their_settings_resolve_alike():
 
 
 def test_evidence_rows_cover_every_method_ablation_and_sweep():
-    """Every method, every single-component ablation, R in {1,2,4,8,16}, J in {1,2,4,all}."""
+    """Every method, every single-component ablation, and the sweeps: R in {1,2,4,8,16}, J in
+    {1,2,3,4}, M in {1,2,4,8} (S-Prompts too), alpha in {0,0.1,0.3,0.5,1}, R' in {1,4,16}."""
     evidence = load_script("evidence")
     rows = evidence.table_rows(depth=4, quick=False)
     labels = [label for _, label, _ in rows]
     assert {"zeroshot", "seqft", "sprompts", "l2p", "joint", "lpi"} <= set(labels)
     assert {"full-rank", "no-interaction", "no-hier-prompt", "hier-factor", "no-task-loss",
-            "routing oracle", "alpha=0"} <= set(labels)
+            "routing oracle", "alpha=0 (own lr)", "no-interaction-ln"} <= set(labels)
     assert {"deep-prompts=replace", "hier-unscaled", "interaction-gain=1", "before the fixes"} <= set(labels)
     assert [l for l in labels if l.startswith("R=")] == ["R=1", "R=2", "R=4", "R=8", "R=16"]
-    assert [l for l in labels if l.startswith("J=")] == ["J=1", "J=2", "J=4", "J=all (4)"]
+    assert [l for l in labels if l.startswith("J=")] == ["J=1", "J=2", "J=3", "J=4"]
+    assert [l for l in labels if l.startswith("M=")] == [f"M={m}" for m in (1, 2, 4, 8)] + [
+        f"M={m} (sprompts)" for m in (1, 2, 4, 8)]
+    assert [l for l in labels if l.startswith("alpha=")] == ["alpha=0 (own lr)"] + [
+        f"alpha={a}" for a in ("0", "0.1", "0.3", "0.5", "1")]
+    assert [l for l in labels if l.startswith("R'=")] == ["R'=1", "R'=4", "R'=16"]
     for _, _, changes in rows:  # every row is a valid setting of lpi.py
         lpi.check_switches(*lpi.configs(**changes))
