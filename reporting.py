@@ -113,7 +113,10 @@ def plot_recall(results: dict, path: Path) -> None:
         ax.set_xticks(range(T), names, rotation=45, ha="right")
         ax.set_yticks(range(T), [f"after {n}" for n in names] if col == 0 else [""] * T)
         ax.set_title(f"{d} R@1 (%)")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+        ax.set_xlabel("task evaluated")
+        if col == 0:
+            ax.set_ylabel("evaluation after training on")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="R@1 (%)")
     atomic_write(path, lambda p: fig.savefig(p, dpi=110, bbox_inches="tight", format="png"))
 
 

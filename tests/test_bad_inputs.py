@@ -356,3 +356,8 @@ def test_bad_input_in_a_fresh_interpreter(tmp_path):
                         *QUICK], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert p.returncode == 2 and p.stderr.startswith("error: ") and "'mars'" in p.stderr, p.stderr[-2000:]
     assert "Traceback" not in p.stderr and not (tmp_path / "o").exists()
+
+
+def test_the_readme_counts_the_cases():
+    readme = (ROOT / "README.md").read_text()
+    assert f"`tests/test_bad_inputs.py` lists {len(CASES)} cases" in readme
