@@ -11,6 +11,8 @@ fixes threads, seed and figure size, and defines
   run_lpi(**settings)     a whole run (lpi.run, as `python lpi.py`) in this process, into a
                           temporary folder; it says how long it took
   WORK, CACHE             that temporary folder (removed when the kernel exits)
+  elapsed()               the last cell of every notebook: prints how long the notebook has
+                          taken since its `from nbsetup import *` (its running time, measured)
 """
 import contextlib
 import inspect
@@ -22,6 +24,8 @@ import sys
 import tempfile
 import textwrap
 import time
+
+STARTED = time.perf_counter()  # when the notebook ran `from nbsetup import *` (the first import)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -40,7 +44,7 @@ import lpi  # noqa: E402
 import reporting  # noqa: E402
 
 __all__ = ["ROOT", "CACHE", "WORK", "RC", "F", "Image", "Markdown", "clip_model", "contextlib", "display", "inspect", "io",
-           "json", "lpi", "math", "pathlib", "plt", "run_lpi", "show", "check", "timed", "time", "sys", "tempfile", "textwrap", "torch", "world",
+           "json", "lpi", "math", "pathlib", "plt", "run_lpi", "show", "check", "timed", "elapsed", "time", "sys", "tempfile", "textwrap", "torch", "world",
            "data", "reporting", "baselines"]
 
 # One thread: the tests run two notebooks side by side on two cores, and the tiny CLIP's
@@ -80,6 +84,15 @@ def timed(what: str):
     t0 = time.perf_counter()
     yield
     print(f"{what}: {time.perf_counter() - t0:.0f} s")
+
+
+def elapsed() -> None:
+    """Print the seconds since this notebook's `from nbsetup import *`: called by the last
+    cell, it is the notebook's running time, top to bottom, on the machine that ran it (cells
+    run again in the same kernel count on from the first import)."""
+    took = time.perf_counter() - STARTED
+    print(f"this notebook ran top to bottom in {took:.0f} s on this machine "
+          f"(since `from nbsetup import *`; torch threads: {torch.get_num_threads()})")
 
 
 def run_lpi(report=True, **settings):

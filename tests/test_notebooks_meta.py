@@ -154,3 +154,18 @@ def test_a_comment_or_docstring_edit_keeps_the_stamp_and_a_change_of_behaviour_d
     assert commented != source and redocumented != source and changed != source
     assert behaviour_hash(commented) == behaviour_hash(redocumented) == base
     assert behaviour_hash(changed) != base
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_running_time_is_measured_not_typed(path):
+    """A notebook that tells its running time prints it (nbsetup.elapsed() in its last cell) and
+    does not type it in its opening cell, where a number would go stale."""
+    cells = _load(path)["cells"]
+    opening = _source(cells[0])
+    if "Running it" not in opening:
+        return
+    running = opening[opening.index("Running it"):].split("\n\n")[0]
+    assert not re.search(r"\b\d+\s*(s|seconds|min|minutes)\b", running), \
+        f"{path.name}: the opening types a running time: {running[:160]!r}"
+    last = [c for c in cells if c["cell_type"] == "code"][-1]
+    assert re.search(r"^elapsed\(\)", _source(last), re.M), f"{path.name}: the last code cell must call elapsed()"
