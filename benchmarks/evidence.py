@@ -1,7 +1,7 @@
 """The evidence: every method, every single-component ablation of LPI and every departure, the
 sweeps of the paper's tables (R, J, M with S-Prompts at the same M, alpha, R'), and the two
 experiments of benchmarks/loss_regimes.py, on the built-in tasks over five seeds, each run
-through `lpi.run`.
+through `lpi.run`; then LPI against S-Prompts again at lpi.py's own budget (every training image).
 
 Writes <out-dir>/evidence.md (mean ± std over seeds, each row's paired difference with LPI and
 its 95% interval, the authors' Average and forgetting), <out-dir>/evidence.json (every run's
@@ -62,6 +62,9 @@ SWEEPS = (("LPI rank", "R", "R", (1, 2, 4, 8, 16)), ("LPI depth", "J", "J", (1, 
           ("LPI length", "M", "M", (1, 2, 4, 8)), ("LPI alpha", "alpha", "alpha", (0.0, 0.1, 0.3, 0.5, 1.0)),
           ("LPI interaction rank", "R'", "interaction_rank", (1, 4, 16)))
 DEPARTURES = ("deep-prompts=replace", "hier-unscaled", "interaction-gain=1")
+# LPI against S-Prompts again at lpi.py's own budget (all of a task's training images, not the
+# table's 400, a cut made for time), over the same seeds: how the gap depends on the budget.
+BUDGET = ("lpi", "sprompts", "sprompts (SGD 0.05)")
 
 
 def tuned(label: str, quick: bool = False) -> dict:
@@ -333,6 +336,59 @@ def table(rows: list, runs: dict, fixed: dict) -> list[dict]:
     return out
 
 
+def budget_table(rows: list, seeds: list, fixed: dict, work: Path, n_jobs: int, threads: int | None) -> list[dict]:
+    """The BUDGET rows at every training image of each task (lpi.py's default), paired with
+    LPI's runs at that budget; their runs go under work/budget."""
+    fixed = dict(fixed, max_train_per_task=None)
+    chosen = [r for r in rows if r[1] in BUDGET]
+    slug_of, distinct = distinct_settings(chosen, fixed)
+    jobs = [({**fixed, **changes, "seed": s}, str(work / "budget" / slug_of[key] / f"seed{s}"), threads)
+            for key, changes in distinct for s in seeds]
+    print(f"at lpi.py's budget (every training image): {len(jobs)} runs", flush=True)
+    return table(chosen, run_all(jobs, n_jobs), fixed)
+
+
+def budget_markdown(budget: list[dict]) -> str:
+    lines = ["## LPI against S-Prompts at lpi.py's budget", "",
+             "The same seeds and settings as the table, with every training image of each task (1,000, as "
+             "`python lpi.py`) instead of 400. vs LPI as in the table.", "",
+             "| row | optimiser, lr | mean recall | vs LPI [95%] | per seed |", "|---|---|---:|---|---|"]
+    for r in budget:
+        lines.append(f"| {r['label']} | {r['runs'][0]['optimizer']} {r['runs'][0]['lr']:g} | "
+                     f"{cell(r['mean']['mean_recall'], r['std']['mean_recall'])} | {paired_cell(r['vs_lpi'])} | "
+                     + ", ".join(f"{x['mean_recall']:.1f}" for x in r["runs"]) + " |")
+    return "\n".join(lines)
+
+
+def readme_block(evidence: dict) -> str:
+    """The tables README.md quotes from evidence.json (its "Results on the built-in benchmark"):
+    a test keeps the two equal, so the README cannot go stale when the evidence is re-measured."""
+    vit = {p["label"]: p["vitb16"] for p in evidence["rows_vitb16"]}
+
+    def line(r):
+        p = r.get("vs_lpi")
+        vs = "—" if p is None else paired_cell(p).replace(" *", " **beyond noise**")
+        return (f"| {r['label']} | {cell(r['mean']['mean_recall'], r['std']['mean_recall'])} | {vs} | "
+                f"{r['trainable_params']['total']:,} | {vit[r['label']]:,} |" if r["label"] in vit else
+                f"| {r['label']} | {cell(r['mean']['mean_recall'], r['std']['mean_recall'])} | {vs} | 0 | 0 |")
+
+    head = "| {} | mean recall | vs LPI, paired [95%] | params / task | at ViT-B/16 |"
+    rows, rule = evidence["rows"], "|---|---:|---|---:|---:|"
+    out = [head.format("row"), rule]
+    out += [line(r) for r in rows if r["group"] in ("method", "LPI ablation", "LPI departure")]
+    out += ["", head.format("sweep point"), rule]
+    out += [line(r) for r in rows if r["group"] in SWEEP_GROUPS + ("LPI alpha",) and not r["same_runs_as"]]
+    if evidence.get("budget"):
+        out += ["", "At lpi.py's budget (every training image of each task):", "", head.format("row"), rule]
+        out += [line(r) for r in evidence["budget"]]
+    if evidence.get("experiments"):
+        out += ["", "| experiment | measured | with the loss | without it | with − without [95%] |", "|---|---|---:|---:|---|"]
+        for name, e in evidence["experiments"].items():
+            w, wo = ([v for _, v in sorted(e["arms"][arm].items())] for arm in ("with", "without"))
+            out.append(f"| {name} | {e['measure']} | {cell(*mean_std(w))} | {cell(*mean_std(wo))} | {paired_cell(e['paired'])} |")
+    return "\n".join(out)
+
+
 def vitb16_parameters(lpi, rows: list) -> list[dict]:
     """Each trained row's trainable parameters per task at ViT-B/16 scale (D_v=768, D_t=512,
     E=512), with the paper's J=9, M=16 where the row does not set them."""
@@ -348,31 +404,62 @@ def vitb16_parameters(lpi, rows: list) -> list[dict]:
 
 
 def plot_recall_vs_params(out_rows: list, path: Path) -> None:
-    """Mean recall (± std over seeds) against trainable parameters per task (log scale): the
-    methods as points, each sweep as a line through its points; zero-shot as a dashed line."""
+    """Mean recall (± std over seeds) against trainable parameters per task (log scale). Left:
+    the methods and the ablations that change the count; right: each sweep as a line through
+    its points (alpha changes no count: it is in the table). Zero-shot as a dashed line."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8.5, 5.5))
-    ax = fig.subplots()
+    fig = Figure(figsize=(13, 5.2))
+    axes = fig.subplots(1, 2, sharey=True)
     x = lambda r: r["trainable_params"]["total"]  # noqa: E731
-    for group in dict.fromkeys(r["group"] for r in out_rows):
-        rs = [r for r in out_rows if r["group"] == group and r["method"] != "zeroshot"]
-        if not rs:
-            continue
-        sweep = group.startswith(("LPI rank", "LPI depth", "LPI length", "LPI interaction", "S-Prompts length"))
-        xs, ys, es = [x(r) for r in rs], [r["mean"]["mean_recall"] for r in rs], [r["std"]["mean_recall"] for r in rs]
-        ax.errorbar(xs, ys, yerr=es, fmt="-o" if sweep else "o", ms=4, capsize=2, lw=1, label=group)
-        for r, xi, yi in zip(rs, xs, ys):
-            ax.annotate(r["label"], (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=6)
+    lpi_row = next((r for r in out_rows if r["label"] == "lpi"), None)
+    left = [r for r in out_rows if r["group"] == "method" and r["method"] != "zeroshot"]
+    left += [r for r in out_rows if r["label"] in ("full-rank", "no-interaction")]
+    notes = []
+    for r in left:
+        axes[0].errorbar(x(r), r["mean"]["mean_recall"], yerr=r["std"]["mean_recall"], fmt="*" if r is lpi_row else "o",
+                         ms=10 if r is lpi_row else 5, capsize=2, color="black" if r is lpi_row else "C0")
+        notes.append((0, x(r), r["mean"]["mean_recall"], r["label"]))
+    for i, group in enumerate(g for g in dict.fromkeys(r["group"] for r in out_rows) if g in SWEEP_GROUPS):
+        rs = [r for r in out_rows if r["group"] == group]
+        axes[1].errorbar([x(r) for r in rs], [r["mean"]["mean_recall"] for r in rs], yerr=[r["std"]["mean_recall"] for r in rs],
+                         fmt="-o", ms=4, capsize=2, lw=1, color=f"C{i}", label=group, alpha=0.85)
+        notes += [(1, x(r), r["mean"]["mean_recall"], r["label"]) for r in rs if not r["same_runs_as"]]
+    if lpi_row:
+        axes[1].plot(x(lpi_row), lpi_row["mean"]["mean_recall"], "*", ms=12, color="black", zorder=5,
+                     label="LPI's defaults (R=4, J=4, M=4, R'=4)")
+    for ax_i, ax in enumerate(axes):
+        annotate_merged(ax, [(xi, yi, lb) for a, xi, yi, lb in notes if a == ax_i])
     zs = next((r for r in out_rows if r["method"] == "zeroshot"), None)
-    if zs:
-        ax.axhline(zs["mean"]["mean_recall"], ls="--", c="grey", lw=1, label="zero-shot (0 parameters)")
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters per task (log scale)")
-    ax.set_ylabel("mean recall after the last task (%)")
-    ax.set_title("Mean recall against parameters per task (mean ± std over seeds)")
-    ax.legend(fontsize=7, loc="lower right")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    for ax in axes:
+        if zs:
+            ax.axhline(zs["mean"]["mean_recall"], ls="--", c="grey", lw=1, label="zero-shot (0 parameters)")
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters per task (log scale)")
+    axes[0].set_ylabel("mean recall after the last task (%), mean ± std over seeds")
+    axes[0].set_title("methods, and the ablations that change the count", fontsize=10)
+    axes[1].set_title("the sweeps (alpha changes no count: see the table)", fontsize=10)
+    axes[0].legend(handles=axes[0].get_lines()[-1:], fontsize=7, loc="lower right")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
+SWEEP_GROUPS = ("LPI rank", "LPI depth", "LPI length", "S-Prompts length", "LPI interaction rank")
+
+
+def annotate_merged(ax, points: list) -> None:
+    """Label points (x, y, label); points closer than a few percent in x and 0.6 in y share
+    one label, so that no two labels overlap."""
+    groups: list[list] = []
+    for xi, yi, lb in sorted(points, key=lambda p: (p[1], p[0])):
+        near = next((g for g in groups if abs(math.log(xi / g[0][0])) < 0.06 and abs(yi - g[-1][1]) < 0.6), None)
+        if near:
+            near.append((xi, yi, lb))
+        else:
+            groups.append([(xi, yi, lb)])
+    for g in groups:
+        ax.annotate(", ".join(dict.fromkeys(lb for _, _, lb in g)), (g[0][0], statistics.fmean(p[1] for p in g)),
+                    textcoords="offset points", xytext=(5, -3), fontsize=7)
 
 
 def markdown(out_rows: list, size: dict, seeds: list, a, n_jobs: int, minutes: float, lpi) -> str:
@@ -388,7 +475,7 @@ def markdown(out_rows: list, size: dict, seeds: list, a, n_jobs: int, minutes: f
              f"batch {size.get('batch_size', lpi.TINY_DEFAULTS['batch_size'])}, other settings lpi.py's defaults "
              f"(J={lpi.TINY_DEFAULTS['J']}, M={lpi.TINY_DEFAULTS['M']}, R={lpi.LPIConfig.R}); each method's and each "
              f"ablation's optimiser and lr as the tuning protocol chose them (benchmarks/tune.py, "
-             f"benchmarks/results/tuning.md; the rank and depth sweeps take LPI's). "
+             f"benchmarks/results/tuning.md; the sweeps take LPI's, S-Prompts' length sweep S-Prompts'). "
              f"Mean ± std over seeds {seeds} (training order, subsampling and initialisation; the data and the "
              f"backbone are fixed). Made by `python benchmarks/evidence.py{' --quick' if a.quick else ''}` on "
              f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), {n_jobs} parallel run(s) of "
@@ -453,18 +540,24 @@ def run_experiments(seeds: list, work: Path, fixed: dict, n_jobs: int, threads: 
     specs = loss_regimes.jobs(seeds, work, fixed)
     pool = concurrent.futures.ProcessPoolExecutor(n_jobs, mp_context=multiprocessing.get_context("spawn"))
     values: dict = {}
+    run_time: dict = {}
     for f in concurrent.futures.as_completed([pool.submit(experiment_job, (spec, threads)) for spec in specs]):
-        name, arm, pair, seed, value, _ = f.result()
-        values.setdefault(name, {}).setdefault(arm, {}).setdefault(seed, []).append(value)
-        print(f"experiment {name}, {arm}, seed {seed}{'' if pair is None else f', pair {pair}'}: {value:.1f}", flush=True)
+        name, arm, seed, value, res = f.result()
+        values.setdefault(name, {}).setdefault(arm, {})[seed] = value
+        run_time[name] = run_time.get(name, 0.0) + res["wall_time_s"]
+        print(f"experiment {name}, {arm}, seed {seed}: {value:.1f}", flush=True)
     pool.shutdown()
     out = {}
     for name, arms in values.items():
         e = loss_regimes.EXPERIMENTS[name]
-        arms = {arm: {seed: statistics.fmean(v) for seed, v in by_seed.items()} for arm, by_seed in arms.items()}
         out[name] = dict(regime=e["regime"], measure=e["measure"], settings=e["arms"], arms=arms,
-                         paired=paired(arms["with"], arms["without"]))
+                         paired=paired(arms["with"], arms["without"]), run_time_s=run_time[name])
     return out
+
+
+def n_runs(out_rows: list, budget: list, exps: dict) -> int:
+    return (sum(len(r["runs"]) for r in out_rows + budget if not r["same_runs_as"])
+            + sum(len(arm) for e in exps.values() for arm in e["arms"].values()))
 
 
 def experiment_job(spec_threads: tuple) -> tuple:
@@ -519,17 +612,24 @@ def build(a) -> dict:
           f"sizes {size}; {n_jobs} parallel job(s), torch threads {threads or torch.get_num_threads()} each", flush=True)
     out_rows = table(rows, run_all(jobs, n_jobs), fixed)
     exps = {} if a.quick or a.rows else run_experiments(seeds, work / "loss_regimes", fixed, n_jobs, threads)
+    budget = [] if a.quick or a.rows else budget_table(rows, seeds, fixed, work, n_jobs, threads)
     params, ptable = parameter_table(lpi)
     vit = vitb16_parameters(lpi, [r for r in out_rows if not r["same_runs_as"]])
+    # every run's own continual loop (one torch thread each), whether it ran now or was reused
+    compute = (sum(x["wall_time_s"] for r in out_rows + budget if not r["same_runs_as"] for x in r["runs"])
+               + sum(e["run_time_s"] for e in exps.values()))
     md = "\n\n".join([markdown(out_rows, size, seeds, a, n_jobs, (time.time() - t_start) / 60, lpi)]
-                     + ([experiments_markdown(exps)] if exps else []) + [vitb16_markdown(vit), ptable]) + "\n"
+                     + ([experiments_markdown(exps)] if exps else []) + ([budget_markdown(budget)] if budget else [])
+                     + [vitb16_markdown(vit), ptable]
+                     + [f"All {n_runs(out_rows, budget, exps)} runs of this page, each one process of one torch "
+                        f"thread, took {compute / 3600:.1f} h of compute in all (added up, whether run now or reused)."]) + "\n"
     total = time.time() - t_start
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "evidence.md").write_text(md)
     evidence = dict(settings=dict(size, seeds=seeds, quick=a.quick, jobs=n_jobs, torch_threads=torch.get_num_threads(),
                                   machine=platform.platform(), shared_settings=fixed),
-                    rows=out_rows, experiments=exps, parameters_vitb16=params, rows_vitb16=vit, total_time_s=total,
-                    cpu_time_s=sum(x["cpu_time_s"] for r in out_rows if not r["same_runs_as"] for x in r["runs"]))
+                    rows=out_rows, experiments=exps, budget=budget, parameters_vitb16=params, rows_vitb16=vit, total_time_s=total,
+                    compute_time_s=compute)
     (out_dir / "evidence.json").write_text(json.dumps(evidence, indent=2))
     plot_matrices(work, slug_of, rows, fixed, seeds, out_dir / "recall_matrices.png")
     plot_recall_vs_params(out_rows, out_dir / "recall_vs_params.png")

@@ -87,3 +87,28 @@ def test_evidence_rows_cover_every_method_ablation_and_sweep():
     assert [l for l in labels if l.startswith("R'=")] == ["R'=1", "R'=4", "R'=16"]
     for _, _, changes in rows:  # every row is a valid setting of lpi.py
         lpi.check_switches(*lpi.configs(**changes))
+
+
+def test_readme_quotes_the_committed_evidence():
+    """README's results tables are evidence.readme_block of the committed evidence.json, and the
+    figures its prose quotes are today's: re-measuring the evidence without updating the README
+    fails here."""
+    import evidence
+
+    readme = (ROOT / "README.md").read_text()
+    e = json.loads((ROOT / "benchmarks" / "results" / "evidence.json").read_text())
+    block = readme.split("<!-- evidence:begin -->\n")[1].split("\n<!-- evidence:end -->")[0]
+    assert block == evidence.readme_block(e), "README's evidence tables differ from evidence.json: paste readme_block's"
+    rows = {r["label"]: r for r in e["rows"]}
+    forget = {k: (rows[k]["mean"]["i2t_forgetting_R@1"] + rows[k]["mean"]["t2i_forgetting_R@1"]) / 2 for k in ("seqft", "lpi")}
+    params = {k: rows[k]["trainable_params"]["total"] for k in ("lpi", "sprompts", "no-interaction")}
+    six = json.loads((ROOT / "benchmarks" / "results" / "tuning.json").read_text())["six_task_scores"]
+    best = {k: max(p["mean_recall"] for p in six[k]) for k in ("lpi", "no-task-loss", "no-hier-prompt")}
+    runs = evidence.n_runs(e["rows"], e["budget"], e["experiments"])
+    quoted = [f"({forget['seqft']:.1f} against {forget['lpi']:.1f} points)",
+              f"interaction modules are {100 * (params['lpi'] - params['no-interaction']) / params['lpi']:.0f}% of LPI's parameters",
+              f"LPI trains {params['lpi'] / params['sprompts']:.1f}× S-Prompts'",
+              f"(stage 2: LPI {best['lpi']:.1f}, without the task loss {best['no-task-loss']:.1f}, without\n  the prompt-level loss {best['no-hier-prompt']:.1f}",
+              f"{runs} runs,\n{e['compute_time_s'] / 3600:.1f} h of one-thread runs"]
+    for q in quoted:
+        assert q in readme, f"README no longer quotes today's evidence: {q!r}"
