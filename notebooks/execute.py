@@ -18,14 +18,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 # The code the notebooks run: the repository's modules, their shared setup, and the
-# benchmark scripts that notebook 07 runs (evidence.py reads tune.py's settings).
+# benchmark scripts that notebook 07 runs (evidence.py reads tune.py's settings and loss_regimes.py's experiments).
 CODE_FILES = ("clip_model.py", "builtin_world.py", "run_support.py", "data.py", "reporting.py", "baselines.py",
-              "lpi.py", "notebooks/nbsetup.py", "benchmarks/tune.py", "benchmarks/evidence.py")
+              "lpi.py", "notebooks/nbsetup.py", "benchmarks/tune.py", "benchmarks/evidence.py",
+              "benchmarks/loss_regimes.py")
 # The data they read: the shipped tiny CLIP and its vocabulary, and the committed results of
 # the tuning protocol and of the evidence table that notebook 07 shows.
 DATA_FILES = ("tiny_clip.pt.xz", "bpe_simple_vocab_16e6.txt.gz", "benchmarks/results/tuning.json",
               "benchmarks/results/tuning.md", "benchmarks/results/evidence.json",
-              "benchmarks/results/recall_matrices.png")
+              "benchmarks/results/recall_matrices.png", "benchmarks/results/recall_vs_params.png")
 
 
 def _without_docstrings(tree: ast.AST) -> ast.AST:

@@ -169,3 +169,19 @@ def test_running_time_is_measured_not_typed(path):
         f"{path.name}: the opening types a running time: {running[:160]!r}"
     last = [c for c in cells if c["cell_type"] == "code"][-1]
     assert re.search(r"^elapsed\(\)", _source(last), re.M), f"{path.name}: the last code cell must call elapsed()"
+
+
+def test_show_unwraps_decorators(monkeypatch):
+    """show() of a @torch.no_grad function gives the function's own lines in lpi.py, not the
+    decorator's source in torch."""
+    sys.path.insert(0, str(ROOT / "notebooks"))
+    import lpi
+    import nbsetup
+
+    shown = []
+    monkeypatch.setattr(nbsetup, "display", lambda md: shown.append(md.data))
+    target = lpi.name_similarity
+    assert hasattr(target, "__wrapped__"), "the function chosen for this test is no longer decorated"
+    nbsetup.show(target)
+    assert shown[0].startswith("`lpi.py, line "), shown[0][:80]
+    assert f"def {target.__name__}(" in shown[0]
