@@ -267,3 +267,33 @@ def test_the_pool_and_the_routing_matter(tmp_path):
     assert r1(zs["alone"]["summary"]) - r1(zs["summary"]) >= 3, (zs["alone"]["summary"], zs["summary"])
     routing = res["routing_accuracy"][-1]
     assert 70 <= routing["image"] <= 95 and 70 <= routing["text"] <= 95, routing
+
+
+def test_the_readme_table_is_the_committed_runs():
+    """README's "What python lpi.py shows" quotes the runs in benchmarks/results/lpi_py_runs.json:
+    its table rows (seed 0), the per-seed mean recalls and the paired difference with S-Prompts."""
+    import json
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = open(os.path.join(root, "README.md"), encoding="utf-8").read()
+    runs = json.load(open(os.path.join(root, "benchmarks", "results", "lpi_py_runs.json")))["runs"]
+    keys = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
+    rows = {"| **LPI** (k-means routing) |": "lpi seed 0", "| LPI with oracle routing (`--routing oracle`) |": "oracle seed 0",
+            "| S-Prompts (full rank, J = 1; protocol: Adam 0.1) |": "sprompts seed 0",
+            "| S-Prompts with the authors' SGD 0.05 |": "sprompts_sgd seed 0",
+            "| LPI before the fixes (SGD 0.05) |": "before_the_fixes seed 0", "| zero-shot tiny CLIP |": "zeroshot"}
+    for start, name in rows.items():
+        s = runs[name]["summary"]
+        cells = " | ".join(f"{s[k]:.1f}" for k in keys)
+        mean = f"**{s['mean_recall']:.1f}**" if name == "lpi seed 0" else f"{s['mean_recall']:.1f}"
+        assert f"{start} {cells} | {mean} |" in readme, f"README's row for {name} differs from lpi_py_runs.json"
+    mr = {n: [runs[f"{n} seed {s}"]["summary"]["mean_recall"] for s in range(3)] for n in ("lpi", "oracle", "sprompts")}
+    per_seed = lambda v: ", ".join(f"{x:.1f}" for x in v)  # noqa: E731
+    said = " ".join(readme.split("Over seeds 0, 1 and 2 (`--seed`), mean recall: ")[1].split("\n\n")[0].split())
+    assert said.startswith(f"LPI {per_seed(mr['lpi'])}; with oracle routing {per_seed(mr['oracle'])}; "
+                           f"S-Prompts (protocol) {per_seed(mr['sprompts'])}; zero-shot "
+                           f"{runs['zeroshot']['summary']['mean_recall']:.1f} at every seed"), said
+    diffs = [a - b for a, b in zip(mr["lpi"], mr["sprompts"])]
+    above = sum(mr["lpi"]) / 3 - runs["zeroshot"]["summary"]["mean_recall"]
+    assert f"{above:.1f} mean-recall points above zero-shot" in readme
+    assert f"by {sum(diffs) / 3:.1f} mean-recall points, paired by seed ({per_seed(diffs)};" in readme.replace("+", "")
