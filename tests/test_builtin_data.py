@@ -297,3 +297,17 @@ def test_the_readme_table_is_the_committed_runs():
     above = sum(mr["lpi"]) / 3 - runs["zeroshot"]["summary"]["mean_recall"]
     assert f"{above:.1f} mean-recall points above zero-shot" in readme
     assert f"by {sum(diffs) / 3:.1f} mean-recall points, paired by seed ({per_seed(diffs)};" in readme.replace("+", "")
+
+
+def test_the_readme_routing_and_oracle_gap_are_the_committed_runs():
+    """The routing accuracies and the oracle's gains README quotes for seeds 0-2."""
+    import json
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = " ".join(open(os.path.join(root, "README.md"), encoding="utf-8").read().split())
+    runs = json.load(open(os.path.join(root, "benchmarks", "results", "lpi_py_runs.json")))["runs"]
+    img = [runs[f"lpi seed {s}"]["routing"]["image"] for s in range(3)]
+    txt = [runs[f"lpi seed {s}"]["routing"]["text"] for s in range(3)]
+    assert f"send {min(img):.1f}–{max(img):.1f}% of the test images and {min(txt):.1f}–{max(txt):.1f}% of the captions" in readme
+    gains = [runs[f"oracle seed {s}"]["summary"]["mean_recall"] - runs[f"lpi seed {s}"]["summary"]["mean_recall"] for s in range(3)]
+    assert f"gains {gains[0]:.1f}, {gains[1]:.1f} and {gains[2]:.1f} points (mean {sum(gains) / 3:.1f})" in readme
